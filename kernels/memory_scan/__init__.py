@@ -1,0 +1,6 @@
+"""memory_scan: the Titans neural-memory update and retrieval (DESIGN section 3)."""
+
+from .mlp import memory_mlp
+from .naive import memory_scan_sequential
+
+__all__ = ["memory_mlp", "memory_scan_sequential"]

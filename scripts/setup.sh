@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv (if absent) and installs titans-train with its pinned torch.
+# torch is named in the same pip command as the project: installing megatron-core into an
+# environment without torch would pull a multi-GB CUDA build on a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_SPEC="${TITANS_TORCH_SPEC:-torch==2.13.0}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.titans-installed
+want="$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)-${1:-}"
+# --test installs a superset, so a test install also satisfies a plain one.
+if [ -z "${1:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${want}--test" ]; then exit 0; fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+echo "[setup] installing titans-train into .venv (first run takes ~2 minutes)" >&2
+.venv/bin/python -m pip install --quiet --upgrade pip
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+.venv/bin/python -m pip install --quiet "$TORCH_SPEC" -e ".${extras}"
+echo "$want" > "$stamp"

@@ -1,0 +1,26 @@
+"""Maps the top-level source folders onto `titans_train.*` subpackages (DESIGN section 2).
+
+Metadata lives in pyproject.toml; this file only exists because the folder -> package mapping
+must also cover every nested subpackage, which static configuration cannot discover.
+"""
+
+from setuptools import find_packages, setup
+
+PACKAGE_ROOTS = {
+    "titans_train": "titans_train",
+    "titans_train.parallel": "parallel",
+    "titans_train.kernels": "kernels",
+    "titans_train.data": "data",
+    "titans_train.recipes": "recipes",
+}
+
+packages = []
+for package, folder in PACKAGE_ROOTS.items():
+    packages.append(package)
+    packages += [f"{package}.{sub}" for sub in find_packages(folder)]
+
+setup(
+    packages=packages,
+    package_dir=PACKAGE_ROOTS,
+    package_data={"titans_train.recipes": ["*.yaml", "**/*.yaml"], "": ["*.md"]},
+)

@@ -1,0 +1,3 @@
+from titans_train.cli import main
+
+raise SystemExit(main())

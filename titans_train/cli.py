@@ -1,0 +1,43 @@
+"""The one command line: `titans-train SUBCOMMAND ...` (also `python -m titans_train`).
+
+Each subcommand lives in its own module, imported only when used so `titans-train --help` stays
+fast. A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("titans_train.train.cli", "pretrain a model from a recipe"),
+    "config": ("titans_train.config.cli", "show or check a resolved recipe"),
+    "model": ("titans_train.model.cli", "model facts (parameter count, FLOPs) for a recipe"),
+    "data": ("titans_train.data.cli", "prepare datasets, train tokenizers, inspect shards"),
+    "generate": ("titans_train.generate", "continue a prompt from a checkpoint, memory updating as it reads"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titans-train", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse the subcommand name first, then let its module define the rest of its arguments.
+    known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    module = importlib.import_module(known._module)
+    sub_parser = argparse.ArgumentParser(
+        prog=f"titans-train {known.command}", description=SUBCOMMANDS[known.command][1]
+    )
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
