@@ -1,5 +1,5 @@
 """Ops with a plain reference beside every fast path. Depends on torch (and triton) only."""
 
-from .memory_scan import memory_mlp, memory_scan_sequential
+from .memory_scan import memory_mlp, memory_scan, memory_scan_sequential
 
-__all__ = ["memory_mlp", "memory_scan_sequential"]
+__all__ = ["memory_mlp", "memory_scan", "memory_scan_sequential"]
