@@ -1,0 +1,156 @@
+"""Cross-field rules of a run config, checked before any model, data or process group exists.
+
+Each rule raises a typed `ConfigError` naming the key to change and why. The batch arithmetic
+lives in `batch_plan`, which the trainer also uses, so the numbers checked are the numbers run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from titans_train.config.errors import BatchArithmeticError, InvalidValueError, check_choice
+from titans_train.config.schema import BACKENDS, PRECISIONS, SCHEDULES, WANDB_MODES
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch maps onto processes, and how long the run is."""
+
+    data_parallel_size: int
+    global_batch_samples: int
+    gradient_accumulation_steps: int
+    total_steps: int
+    tokens_per_step: int
+
+
+def data_parallel_size(config: DictConfig, world_size: int) -> int:
+    model_parallel = config.parallel.tp * config.parallel.sp
+    if world_size % model_parallel:
+        raise BatchArithmeticError(
+            "parallel.tp",
+            f"the world size {world_size} is not divisible by parallel.tp x parallel.sp = "
+            f"{config.parallel.tp} x {config.parallel.sp} = {model_parallel}",
+        )
+    return world_size // model_parallel
+
+
+def batch_plan(config: DictConfig, world_size: int) -> BatchPlan:
+    train = config.train
+    dp = data_parallel_size(config, world_size)
+    if train.global_batch_tokens % train.seq_len:
+        raise BatchArithmeticError(
+            "train.global_batch_tokens",
+            f"{train.global_batch_tokens} is not a multiple of train.seq_len={train.seq_len}; "
+            f"nearest multiples: {train.global_batch_tokens // train.seq_len * train.seq_len} or "
+            f"{(train.global_batch_tokens // train.seq_len + 1) * train.seq_len}",
+        )
+    samples = train.global_batch_tokens // train.seq_len
+    per_micro_step = train.micro_batch_size * dp
+    if samples % per_micro_step:
+        raise BatchArithmeticError(
+            "train.global_batch_tokens",
+            f"the global batch of {samples} samples (train.global_batch_tokens="
+            f"{train.global_batch_tokens} / train.seq_len={train.seq_len}) is not divisible by "
+            f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp} = "
+            f"{per_micro_step}; change train.micro_batch_size or train.global_batch_tokens",
+        )
+    if train.tokens > 0:
+        total_steps = math.ceil(train.tokens / train.global_batch_tokens)
+    else:
+        total_steps = train.steps
+    return BatchPlan(
+        data_parallel_size=dp,
+        global_batch_samples=samples,
+        gradient_accumulation_steps=samples // per_micro_step,
+        total_steps=total_steps,
+        tokens_per_step=train.global_batch_tokens,
+    )
+
+
+def _positive(config: DictConfig, *keys: str) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if value <= 0:
+            raise InvalidValueError(key, f"must be > 0, got {value}")
+
+
+def _model_heads(model: DictConfig) -> dict[str, int]:
+    """The head counts tensor parallelism shards, keyed by their config key."""
+    heads = {}
+    for key in ("n_heads", "n_memory_heads", "n_kv_heads"):
+        if key in model and model[key]:
+            heads[key] = int(model[key])
+    return heads
+
+
+def validate_parallel(config: DictConfig) -> None:
+    parallel = config.parallel
+    if parallel.tp < 1 or parallel.sp < 1:
+        raise InvalidValueError("parallel.tp", f"tp and sp must be >= 1, got tp={parallel.tp} sp={parallel.sp}")
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        raise InvalidValueError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {parallel.zero_stage}")
+    check_choice("parallel.backend", parallel.backend, BACKENDS)
+    for key, count in _model_heads(config.model).items():
+        if count % parallel.tp:
+            raise InvalidValueError(
+                "parallel.tp",
+                f"parallel.tp={parallel.tp} does not divide model.{key}={count}; heads are the "
+                f"tensor-parallel unit (divisors: {[d for d in range(1, count + 1) if count % d == 0]})",
+            )
+    if parallel.sp > 1:
+        seq_len = config.train.seq_len
+        if seq_len % parallel.sp:
+            raise InvalidValueError("parallel.sp", f"parallel.sp={parallel.sp} does not divide train.seq_len={seq_len}")
+        span = seq_len // parallel.sp
+        for key in ("chunk_size", "segment_len"):
+            unit = config.model.get(key)
+            if unit and span % unit:
+                raise InvalidValueError(
+                    "parallel.sp",
+                    f"each sequence-parallel span has {span} tokens (train.seq_len / parallel.sp), "
+                    f"not a multiple of model.{key}={unit}",
+                )
+
+
+def validate(config: DictConfig, world_size: int | None = 1) -> None:
+    train = config.train
+    check_choice("train.schedule", train.schedule, SCHEDULES)
+    check_choice("train.precision", train.precision, PRECISIONS)
+    check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
+    _positive(config, "train.global_batch_tokens", "train.micro_batch_size", "train.seq_len", "train.lr")
+    if (train.tokens > 0) == (train.steps > 0):
+        raise InvalidValueError(
+            "train.tokens", f"set exactly one of train.tokens and train.steps > 0 (got tokens={train.tokens}, steps={train.steps})"
+        )
+    if len(train.betas) != 2 or not all(0 <= b < 1 for b in train.betas):
+        raise InvalidValueError("train.betas", f"must be two numbers in [0, 1), got {list(train.betas)}")
+    if not 0 <= train.min_lr <= train.lr:
+        raise InvalidValueError("train.min_lr", f"must be in [0, train.lr={train.lr}], got {train.min_lr}")
+    if not 0 < train.decay_fraction <= 1:
+        raise InvalidValueError("train.decay_fraction", f"must be in (0, 1], got {train.decay_fraction}")
+    if train.warmup_steps < 0 or train.grad_clip < 0 or train.weight_decay < 0:
+        raise InvalidValueError("train.warmup_steps", "warmup_steps, grad_clip and weight_decay must be >= 0")
+    if train.eval_batches < 1:
+        raise InvalidValueError("train.eval_batches", f"must be >= 1, got {train.eval_batches}")
+    if config.checkpoint.keep_last < 1:
+        raise InvalidValueError("checkpoint.keep_last", f"must be >= 1, got {config.checkpoint.keep_last}")
+    if config.logging.interval < 1:
+        raise InvalidValueError("logging.interval", f"must be >= 1, got {config.logging.interval}")
+    if config.data.source not in ("builtin", "shards"):
+        raise InvalidValueError("data.source", f"must be 'builtin' or 'shards', got {config.data.source!r}")
+    if config.data.source == "shards" and not config.data.train_dir:
+        raise InvalidValueError("data.train_dir", "data.source=shards needs data.train_dir (a prepared shard directory)")
+    validate_parallel(config)
+    model_seq = config.model.get("max_seq_len")
+    if model_seq and train.seq_len > model_seq:
+        raise InvalidValueError("train.seq_len", f"{train.seq_len} exceeds model.max_seq_len={model_seq}")
+    if world_size is not None:
+        plan = batch_plan(config, world_size)
+        if train.warmup_steps >= plan.total_steps:
+            raise InvalidValueError(
+                "train.warmup_steps", f"{train.warmup_steps} warmup steps >= the run's {plan.total_steps} steps"
+            )
