@@ -1,0 +1,89 @@
+"""Multi-head attention with RoPE, learned persistent keys/values and a carried key/value tail.
+
+Persistent memory is a per-head set of learned keys and values (H, N_p, d), prepended to every
+query's keys without RoPE (position-free, always visible). This is the paper's "persistent tokens
+prepended to the sequence" with the token's key/value projections folded into free parameters.
+Keys are cached after RoPE at absolute positions, so a continued sequence attends exactly as a
+whole one does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import apply_rope, split_heads
+
+
+def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """Bool (Tq, Tk): a query sees keys at or before it, and with a window only the last `window`."""
+    distance = query_positions[:, None] - key_positions[None, :]
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    return visible
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, head_dim: int, n_persistent: int, rope_base: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = head_dim
+        self.rope_base = rope_base
+        inner = n_heads * head_dim
+        self.q_proj = nn.Linear(dim, inner, bias=False)
+        self.k_proj = nn.Linear(dim, inner, bias=False)
+        self.v_proj = nn.Linear(dim, inner, bias=False)
+        if n_persistent > 0:
+            self.persistent_keys = nn.Parameter(torch.empty(n_heads, n_persistent, head_dim))
+            self.persistent_values = nn.Parameter(torch.empty(n_heads, n_persistent, head_dim))
+        else:
+            self.persistent_keys = self.persistent_values = None
+
+    def project_queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> rotated queries (B, H, T, d)."""
+        return apply_rope(split_heads(self.q_proj(x), self.n_heads), positions, self.rope_base)
+
+    def project_keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> rotated keys, values, each (B, H, T, d)."""
+        keys = apply_rope(split_heads(self.k_proj(x), self.n_heads), positions, self.rope_base)
+        return keys, split_heads(self.v_proj(x), self.n_heads)
+
+    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Queries (B, H, Tq, d) over [persistent | keys (B, H, Tk, d)] with mask (Tq, Tk) -> (B, H, Tq, d)."""
+        if self.persistent_keys is not None:
+            batch = queries.shape[0]
+            n_persistent = self.persistent_keys.shape[1]
+            keys = torch.cat([self.persistent_keys.to(keys.dtype).expand(batch, -1, -1, -1), keys], dim=2)
+            values = torch.cat([self.persistent_values.to(values.dtype).expand(batch, -1, -1, -1), values], dim=2)
+            mask = torch.cat([mask.new_ones(mask.shape[0], n_persistent), mask], dim=1)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+
+    def cached_state_shapes(self, batch_size: int, position: int, window: Optional[int]) -> dict[str, tuple[int, ...]]:
+        cached = position if window is None else min(position, window - 1)
+        shape = (batch_size, self.n_heads, cached, self.head_dim)
+        return {"keys": shape, "values": shape}
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: int,
+                window: Optional[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Causal (window None) or sliding-window attention of x (B, T, D) continuing `state`.
+
+        Returns per-head outputs (B, H, T, d) and the new key/value tail (last window-1 tokens,
+        or all of them for full attention).
+        """
+        seq_len = x.shape[1]
+        cached = state["keys"].shape[2]
+        positions = torch.arange(position, position + seq_len, device=x.device)
+        key_positions = torch.arange(position - cached, position + seq_len, device=x.device)
+        queries = self.project_queries(x, positions)
+        new_keys, new_values = self.project_keys_values(x, positions)
+        keys = torch.cat([state["keys"], new_keys], dim=2)  # (B, H, cached+T, d)
+        values = torch.cat([state["values"], new_values], dim=2)
+        out = self.attend(queries, keys, values, window_mask(positions, key_positions, window))
+        keep = keys.shape[2] if window is None else min(keys.shape[2], window - 1)
+        start = keys.shape[2] - keep
+        return out, {"keys": keys[:, :, start:], "values": values[:, :, start:]}

@@ -1,0 +1,111 @@
+"""Building blocks: RMSNorm (whole vector and per head), RoPE, SwiGLU, causal depthwise conv."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, H*d) -> (B, H, T, d)."""
+    batch, seq_len, _ = x.shape
+    return x.view(batch, seq_len, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, d) -> (B, T, H*d)."""
+    batch, n_heads, seq_len, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq_len, n_heads * head_dim)
+
+
+def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # Half-precision inputs are normalised in fp32; fp32/fp64 stay as they are.
+    compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return (compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_normalize(x, self.eps) * self.weight
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm of each head's vector on its own, with a per-head weight (H, d).
+
+    Input (B, T, H, d). No statistic crosses heads, so tensor-parallel shards need no reduction.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_normalize(x, self.eps) * self.weight
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x (B, H, T, d) at absolute positions (T,).
+
+    Angles are computed from absolute positions, so a token gets the same rotation however the
+    sequence is split into calls.
+    """
+    head_dim = x.shape[-1]
+    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=angle_dtype) / head_dim)
+    angles = positions.to(angle_dtype)[:, None] * inv_freq[None, :]  # (T, d/2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)  # (T, d)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x * cos + rotated * sin
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.down_proj.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CausalConv(nn.Module):
+    """Causal depthwise conv1d over time with a carried tail.
+
+    weight (C, K): channels in the order of the projection feeding it (grouped by head). The tail
+    (B, C, K-1) holds the last K-1 inputs before this call; zeros at the start of a sequence equal
+    the zero padding of a single whole-sequence call, so splitting a sequence changes nothing.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.kernel_size ** -0.5  # PyTorch's Conv1d default for a depthwise kernel
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail."""
+        channels = self.weight.shape[0]
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], channels, self.kernel_size - 1)
+        padded = torch.cat([tail, x.transpose(1, 2)], dim=2)  # (B, C, K-1+T)
+        y = F.conv1d(padded, self.weight.unsqueeze(1), groups=channels)  # (B, C, T)
+        new_tail = padded[:, :, padded.shape[2] - (self.kernel_size - 1):]
+        return y.transpose(1, 2), new_tail

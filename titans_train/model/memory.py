@@ -1,0 +1,167 @@
+"""The neural long-term memory of one layer (DESIGN section 3) with its carried state.
+
+State (a dict of tensors, shapes a function of batch size and position only):
+  weights.{l}, momentum.{l}   (B, Hm, d_out, d_in)  memory MLP at the start of the open block
+  open_keys, open_values      (B, Hm, p, d)         the open block's keys/values (p = position % block)
+  open_theta, open_eta, open_alpha  (B, Hm, p)      and its gates
+  conv_q, conv_k, conv_v      (B, Hm*d, K-1)        pre-conv tails
+
+A "block" is the unit the memory state is closed at: the chunk for LMM/MAG/MAL, the segment for MAC.
+Every update inside a block uses gradients at the block-start weights, so a sequence split inside
+a block cannot carry "the weights so far": it carries the block-start weights and momentum plus the
+block's tokens, and the next call re-runs the block from its start with the new tokens appended.
+This is exact (same chunk boundaries, same math) and costs at most one block of recomputation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titans_train.kernels import memory_mlp, memory_scan
+
+from .config import TitansConfig
+from .layers import CausalConv, split_heads
+
+OPEN_FIELDS = ("open_keys", "open_values", "open_theta", "open_eta", "open_alpha")
+
+
+class NeuralMemory(nn.Module):
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.n_memory_heads = config.memory_heads
+        self.head_dim = config.memory_head_dim
+        self.chunk_size = config.chunk_size
+        self.retrieve_mode = config.retrieve
+        self.activation = config.memory_activation
+        self.residual = config.memory_residual
+        self.theta_max = config.theta_max
+        self.conv_kernel = config.conv_kernel
+        inner = self.n_memory_heads * self.head_dim
+        self.q_proj = nn.Linear(config.dim, inner, bias=False)
+        self.k_proj = nn.Linear(config.dim, inner, bias=False)
+        self.v_proj = nn.Linear(config.dim, inner, bias=False)
+        self.q_conv = CausalConv(inner, config.conv_kernel)
+        self.k_conv = CausalConv(inner, config.conv_kernel)
+        self.v_conv = CausalConv(inner, config.conv_kernel)
+        # One scalar gate per head and token: output features are the heads.
+        self.theta_proj = nn.Linear(config.dim, self.n_memory_heads, bias=True)
+        self.eta_proj = nn.Linear(config.dim, self.n_memory_heads, bias=True)
+        self.alpha_proj = nn.Linear(config.dim, self.n_memory_heads, bias=True)
+        self.gate_bias_inits = {"theta_proj": config.theta_bias_init,
+                                "eta_proj": config.eta_bias_init,
+                                "alpha_proj": config.alpha_bias_init}
+        widths = [self.head_dim] + [config.memory_expansion * self.head_dim] * (config.memory_depth - 1)
+        widths.append(self.head_dim)
+        # W^0, learned, one set per head (head leading), broadcast over the batch.
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.empty(self.n_memory_heads, d_out, d_in))
+            for d_in, d_out in zip(widths[:-1], widths[1:])
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_shapes(self, batch_size: int, position: int, block_len: int) -> dict[str, tuple[int, ...]]:
+        heads, open_len = self.n_memory_heads, position % block_len
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer, weight in enumerate(self.initial_weights):
+            shapes[f"weights.{layer}"] = (batch_size, heads, *weight.shape[1:])
+            shapes[f"momentum.{layer}"] = (batch_size, heads, *weight.shape[1:])
+        shapes["open_keys"] = shapes["open_values"] = (batch_size, heads, open_len, self.head_dim)
+        for gate in ("open_theta", "open_eta", "open_alpha"):
+            shapes[gate] = (batch_size, heads, open_len)
+        for name in ("conv_q", "conv_k", "conv_v"):
+            shapes[name] = (batch_size, heads * self.head_dim, self.conv_kernel - 1)
+        return shapes
+
+    def initial_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The state at position 0: weights W^0 (kept differentiable), everything else zero."""
+        state = {name: torch.zeros(shape, device=device, dtype=dtype)
+                 for name, shape in self.state_shapes(batch_size, 0, 1).items()}
+        for layer, weight in enumerate(self.initial_weights):
+            state[f"weights.{layer}"] = weight.to(dtype).unsqueeze(0).expand(batch_size, *weight.shape)
+        return state
+
+    # -- projections ---------------------------------------------------------------------------
+    def query(self, x: torch.Tensor, conv_tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries of x (B, T, D): projection, conv, SiLU, l2 norm -> (B, Hm, T, d), new tail."""
+        q, tail = self.q_conv(self.q_proj(x), conv_tail)
+        return F.normalize(split_heads(F.silu(q), self.n_memory_heads), dim=-1), tail
+
+    def retrieve(self, weights: tuple[torch.Tensor, ...], q: torch.Tensor) -> torch.Tensor:
+        """M_W(q) for q (B, Hm, N, d) with fixed weights (no update)."""
+        return memory_mlp(weights, q, self.activation, self.residual)
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """theta, eta, alpha, each (B, Hm, T)."""
+        theta = self.theta_max * torch.sigmoid(self.theta_proj(x)).transpose(1, 2)
+        eta = torch.sigmoid(self.eta_proj(x)).transpose(1, 2)
+        alpha = torch.sigmoid(self.alpha_proj(x)).transpose(1, 2)
+        return theta, eta, alpha
+
+    # -- update and retrieve -------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        block_len: int,
+        stats: Optional[list] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Store x (B, T, D) into the memory and retrieve with its queries -> (B, Hm, T, d), state."""
+        q, conv_q = self.query(x, state["conv_q"])
+        k, conv_k = self.k_conv(self.k_proj(x), state["conv_k"])
+        v, conv_v = self.v_conv(self.v_proj(x), state["conv_v"])
+        k = F.normalize(split_heads(F.silu(k), self.n_memory_heads), dim=-1)  # (B, Hm, T, d)
+        v = split_heads(F.silu(v), self.n_memory_heads)
+        theta, eta, alpha = self._gates(x)
+
+        open_len = state["open_keys"].shape[2]
+        # The open block's tokens are re-run; their queries are irrelevant (outputs discarded).
+        q_all = torch.cat([q.new_zeros(*q.shape[:2], open_len, q.shape[3]), q], dim=2)
+        k_all = torch.cat([state["open_keys"], k], dim=2)
+        v_all = torch.cat([state["open_values"], v], dim=2)
+        theta_all = torch.cat([state["open_theta"], theta], dim=2)
+        eta_all = torch.cat([state["open_eta"], eta], dim=2)
+        alpha_all = torch.cat([state["open_alpha"], alpha], dim=2)
+        total = q_all.shape[2]
+        closed = total // block_len * block_len
+
+        n_layers = len(self.initial_weights)
+        weights = tuple(state[f"weights.{layer}"] for layer in range(n_layers))
+        momentum = tuple(state[f"momentum.{layer}"] for layer in range(n_layers))
+        incoming_weights = weights
+        outputs = []
+        for start, stop in ((0, closed), (closed, total)):
+            if stop == start:
+                continue
+            piece = slice(start, stop)
+            y, (next_weights, next_momentum) = memory_scan(
+                q_all[:, :, piece], k_all[:, :, piece], v_all[:, :, piece],
+                theta_all[:, :, piece], eta_all[:, :, piece], alpha_all[:, :, piece],
+                weights, momentum, chunk_size=self.chunk_size, retrieve=self.retrieve_mode,
+                activation=self.activation, residual=self.residual,
+            )
+            outputs.append(y)
+            if stop == closed:  # the open tail keeps its block-start weights
+                weights, momentum = next_weights, next_momentum
+        y = torch.cat(outputs, dim=2)[:, :, open_len:]
+
+        new_state = {f"weights.{layer}": w for layer, w in enumerate(weights)}
+        new_state.update({f"momentum.{layer}": s for layer, s in enumerate(momentum)})
+        tail = slice(closed, total)
+        for name, values in zip(OPEN_FIELDS, (k_all, v_all, theta_all, eta_all, alpha_all)):
+            new_state[name] = values[:, :, tail]
+        new_state.update(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
+        if stats is not None:
+            stats.append(_memory_stats(theta, eta, alpha, incoming_weights, weights))
+        return y, new_state
+
+
+@torch.no_grad()
+def _memory_stats(theta, eta, alpha, weights_before, weights_after) -> dict[str, torch.Tensor]:
+    squared_change = sum((after - before).pow(2).sum(dim=(-2, -1))
+                         for before, after in zip(weights_before, weights_after))  # (B, Hm)
+    return {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean(),
+            "update_norm": squared_change.sqrt().mean()}
