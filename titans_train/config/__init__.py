@@ -24,7 +24,7 @@ from titans_train.config.schema import (
     RunConfig,
     TrainConfig,
 )
-from titans_train.config.validate import BatchPlan, batch_plan, validate
+from titans_train.config.validate import BatchPlan, batch_plan, model_config, validate
 
 __all__ = [
     "BatchArithmeticError",
@@ -43,6 +43,7 @@ __all__ = [
     "config_from_container",
     "list_recipes",
     "load_recipe",
+    "model_config",
     "recipes_root",
     "resolve_recipe_path",
     "to_container",

@@ -116,8 +116,22 @@ def validate_parallel(config: DictConfig) -> None:
                 )
 
 
+def model_config(config: DictConfig):
+    """The model section as the model package's `TitansConfig`, its own checks applied."""
+    from omegaconf import OmegaConf
+
+    from titans_train.model import ConfigError as ModelConfigError
+    from titans_train.model import TitansConfig
+
+    try:
+        return TitansConfig(**OmegaConf.to_container(config.model, resolve=True))
+    except ModelConfigError as error:
+        raise InvalidValueError(f"model.{error.field}", str(error)) from error
+
+
 def validate(config: DictConfig, world_size: int | None = 1) -> None:
     train = config.train
+    model_config(config)
     check_choice("train.schedule", train.schedule, SCHEDULES)
     check_choice("train.precision", train.precision, PRECISIONS)
     check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)

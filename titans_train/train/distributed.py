@@ -5,9 +5,9 @@ torchrun would) and as N processes under torchrun/SLURM: gloo on CPU, nccl on GP
 config names a backend. DeepSpeed's accelerator is chosen before deepspeed is imported.
 
 `DataParallelContext` is the trivial (tp = sp = 1) layout. A context object is what the engine
-consumes: `dp_size` / `dp_rank` (which part of the global batch this rank loads), `is_logger`,
-and `mpu()` (DeepSpeed's model-parallel adapter, None for pure data parallelism). The
-tensor/sequence-parallel `titans_train.parallel.ParallelContext` provides the same members.
+consumes: `rank`, `data_rank` / `data_world_size` (which part of the global batch this rank
+loads), `tp_size`, `sp_size`, `gradient_group` and `mpu()` (DeepSpeed's model-parallel adapter,
+None for pure data parallelism). `titans_train.parallel.ParallelContext` has the same members.
 """
 
 from __future__ import annotations
@@ -71,13 +71,16 @@ def current_device() -> torch.device:
 
 @dataclass(frozen=True)
 class DataParallelContext:
-    """Every rank is a data-parallel replica (tp = sp = 1)."""
+    """Every rank is a data-parallel replica (tp = sp = 1): no model-parallel groups needed.
+
+    Its members are the subset of `titans_train.parallel.ParallelContext` the trainer uses.
+    """
 
     rank: int
     world_size: int
 
-    tp: int = 1
-    sp: int = 1
+    tp_size: int = 1
+    sp_size: int = 1
 
     @classmethod
     def from_process_group(cls) -> DataParallelContext:
@@ -86,40 +89,28 @@ class DataParallelContext:
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
 
     @property
-    def dp_size(self) -> int:
-        return self.world_size
-
-    @property
-    def dp_rank(self) -> int:
+    def data_rank(self) -> int:
         return self.rank
 
     @property
-    def is_logger(self) -> bool:
-        return self.rank == 0
+    def data_world_size(self) -> int:
+        return self.world_size
 
-    def data_parallel_group(self):
-        return None  # the default group
+    @property
+    def gradient_group(self):
+        return None  # the default (world) group
 
     def mpu(self):
         return None
 
 
-def build_parallel_context(parallel_config) -> DataParallelContext:
-    """The context for this run's layout. tp/sp > 1 needs `titans_train.parallel`."""
+def build_parallel_context(parallel_config):
+    """The context for this run's layout; tp/sp > 1 come from `titans_train.parallel`."""
     if parallel_config.tp == 1 and parallel_config.sp == 1:
         return DataParallelContext.from_process_group()
-    try:
-        from titans_train.parallel import ParallelContext  # noqa: F401
-    except ImportError as error:
-        from titans_train.config import InvalidValueError
+    from titans_train.parallel import ParallelContext
 
-        raise InvalidValueError(
-            "parallel.tp", f"tensor/sequence parallelism needs titans_train.parallel.ParallelContext ({error})"
-        ) from error
-    raise NotImplementedError(
-        "parallel.tp/parallel.sp > 1: the trainer does not yet apply titans_train.parallel "
-        "(build_parallel_context + parallelize are the integration point)"
-    )
+    return ParallelContext.initialize(tp=parallel_config.tp, sp=parallel_config.sp)
 
 
 def all_reduce_mean(value: float, group=None) -> float:

@@ -1,0 +1,216 @@
+"""Atomic, self-checking training checkpoints on top of DeepSpeed's save/load.
+
+Layout of `checkpoint.dir`:
+
+    latest                      the tag of the newest complete checkpoint (written temp + rename)
+    step000001000/              one DeepSpeed checkpoint (model, optimizer, scheduler shards)
+        titans_checkpoint.json  the manifest: written last, lists every file with its size
+        rank00000_state.pt      per-rank state (RNG states of python, numpy, torch)
+    .partial-step000002000/     a save in progress, or one cut short: never read
+    universal/step000001000/    a DeepSpeed universal copy, made to resume on another dp size
+
+A save writes into `.partial-<tag>` on every rank, waits for all ranks, then rank 0 writes the
+manifest, renames the directory to `<tag>`, points `latest` at it and deletes all but the newest
+`keep_last`. A directory without a valid manifest, or whose files do not match it, is damaged:
+resume reports it and falls back to the previous complete checkpoint. The directory must be on a
+file system every rank sees (the usual shared scratch of a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from titans_train.train.distributed import barrier
+
+MANIFEST = "titans_checkpoint.json"
+LATEST = "latest"
+PARTIAL_PREFIX = ".partial-"
+UNIVERSAL_DIR = "universal"
+FORMAT_VERSION = 1
+TAG_PATTERN = re.compile(r"^step(\d{9})$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    tag: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep_last: int, rank: int, world_size: int,
+                 log: Callable[[str], None] = print):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.log = log
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict[str, Any], manifest_extra: dict[str, Any]) -> Path:
+        """Save on every rank; returns the final directory once it is complete and `latest`."""
+        tag = tag_for_step(step)
+        partial_tag = PARTIAL_PREFIX + tag
+        partial = self.directory / partial_tag
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # the leftover of a save cut short
+        barrier()
+        engine.save_checkpoint(str(self.directory), tag=partial_tag, client_state=client_state, save_latest=False)
+        torch.save({"rng": rng_state()}, partial / f"rank{self.rank:05d}_state.pt")
+        barrier()
+        final = self.directory / tag
+        if self.rank == 0:
+            files = {
+                str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
+            }
+            manifest = {"format": FORMAT_VERSION, "tag": tag, "step": step, "time": time.time(),
+                        "world_size": self.world_size, "files": files, **manifest_extra}
+            _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_atomic(self.directory / LATEST, tag + "\n")
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for info in complete[: -self.keep_last]:
+            shutil.rmtree(info.path, ignore_errors=True)
+            shutil.rmtree(self.directory / UNIVERSAL_DIR / info.tag, ignore_errors=True)
+        for stale in self.directory.glob(PARTIAL_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- finding ------------------------------------------------------------------------------
+    def verify(self, path: Path) -> tuple[dict[str, Any] | None, str]:
+        """(manifest, "") for a complete checkpoint, (None, reason) for a damaged one."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return None, f"no {MANIFEST} (the save did not finish)"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            return None, f"unreadable {MANIFEST}: {error}"
+        for name, size in manifest.get("files", {}).items():
+            file = path / name
+            if not file.is_file():
+                return None, f"missing file {name}"
+            if file.stat().st_size != size:
+                return None, f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        return manifest, ""
+
+    def complete_checkpoints(self) -> list[CheckpointInfo]:
+        """Every complete checkpoint, oldest first (damaged ones are skipped silently here)."""
+        found = []
+        if not self.directory.is_dir():
+            return found
+        for path in self.directory.iterdir():
+            if path.is_dir() and TAG_PATTERN.match(path.name):
+                manifest, _ = self.verify(path)
+                if manifest is not None:
+                    found.append(CheckpointInfo(path.name, path, manifest))
+        return sorted(found, key=lambda info: info.step)
+
+    def candidates(self) -> list[CheckpointInfo | tuple[str, str]]:
+        """Checkpoints to try, newest first: `latest` first, then every other tag by step.
+
+        Damaged ones appear as (tag, reason) so the caller can report them.
+        """
+        if not self.directory.is_dir():
+            return []
+        tags = sorted((p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)),
+                      reverse=True)
+        latest_file = self.directory / LATEST
+        if latest_file.is_file():
+            latest = latest_file.read_text().strip()
+            if latest in tags:
+                tags.remove(latest)
+                tags.insert(0, latest)
+            elif latest:
+                self.log(f"[checkpoint] `latest` names {latest!r}, which does not exist; looking for others")
+        result: list[CheckpointInfo | tuple[str, str]] = []
+        for tag in tags:
+            manifest, reason = self.verify(self.directory / tag)
+            result.append(CheckpointInfo(tag, self.directory / tag, manifest) if manifest else (tag, reason))
+        return result
+
+    # ---- loading ------------------------------------------------------------------------------
+    def universal_copy(self, info: CheckpointInfo) -> Path:
+        """A DeepSpeed universal checkpoint of `info` (made once, by rank 0) for another dp size."""
+        target = self.directory / UNIVERSAL_DIR / info.tag
+        if self.rank == 0 and not (target / MANIFEST).is_file():
+            from deepspeed.checkpoint import ds_to_universal
+
+            partial = target.with_name(PARTIAL_PREFIX + info.tag)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            args = SimpleNamespace(input_folder=str(info.path), output_folder=str(partial), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=True)
+            ds_to_universal.main(args)
+            for name in os.listdir(info.path):
+                if name.startswith("rank") or name == MANIFEST:
+                    shutil.copy2(info.path / name, partial / name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        barrier()
+        return target
+
+    def load(self, engine, info: CheckpointInfo, load_universal: bool) -> dict[str, Any]:
+        """Load `info` into `engine`; returns the client state. Restores this rank's RNG state."""
+        path = self.universal_copy(info) if load_universal else info.path
+        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        own = path / f"rank{self.rank:05d}_state.pt"
+        # Another world size: ranks without a file of their own take rank 0's RNG state.
+        rank_state = torch.load(own if own.is_file() else path / "rank00000_state.pt", weights_only=False)
+        set_rng_state(rank_state["rng"])
+        return client_state
