@@ -1,0 +1,47 @@
+"""Apply parallelism onto a plain `TitansLM`, and compute the loss of one micro-batch under it.
+
+The order, for a model built identically on every rank (same seed):
+1. tensor parallelism: shard heads, vocabulary and MLP channels (`apply_tensor_parallel`);
+2. sequence parallelism needs no change to the model: `parallel_loss` drives it layer by layer;
+3. ZeRO data parallelism: `deepspeed.initialize(model=..., mpu=context.mpu())`, by the trainer.
+
+`parallel_loss(model, tokens, context)` is the one call a training step makes: every rank of a
+replica passes the same (B, T+1) token block; it returns what to back-propagate, the mean loss of
+the global batch, and the relay whose in-flight sends `finish()` completes after backward.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from titans_train.parallel.context import ParallelContext
+from titans_train.parallel.sequence_parallel import StepLoss, sequence_parallel_loss
+from titans_train.parallel.tensor_parallel import apply_tensor_parallel, token_losses
+
+
+def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> nn.Module:
+    """Shard `model` in place for the layout of `context`.
+
+    `parallel_config` is the run's `parallel` section (anything with `tp` and `sp`); it must
+    agree with the context the groups were built from.
+    """
+    if parallel_config is not None:
+        for key in ("tp", "sp"):
+            expected = getattr(context.layout, key)
+            if getattr(parallel_config, key) != expected:
+                raise ValueError(f"parallel.{key} = {getattr(parallel_config, key)} but the "
+                                 f"process groups were built with {key} = {expected}")
+    return apply_tensor_parallel(model, context)
+
+
+def parallel_loss(model: nn.Module, tokens, context: ParallelContext) -> StepLoss:
+    """Loss of this replica's micro-batch `tokens` (B, T+1) under any (tp, sp) layout."""
+    tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
+    if tensor_parallel_size != context.tp_size:
+        raise RuntimeError(f"the model is sharded for tp = {tensor_parallel_size}, the context has "
+                           f"tp = {context.tp_size}; call parallelize(model, ...) first")
+
+    def loss_fn(logits, labels):
+        return token_losses(logits, labels, tensor_parallel_size)
+
+    return sequence_parallel_loss(model, tokens, context, loss_fn)

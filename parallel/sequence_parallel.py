@@ -1,0 +1,109 @@
+"""Sequence parallelism: each sp rank owns a contiguous span and the layer states travel between them.
+
+Rank r of the sp group owns tokens [r*S, (r+1)*S) of every sequence (S = T / sp). For each layer
+it receives that layer's state from r-1 (memory weights and momentum, conv tails, attention tail,
+open block), runs the layer on its span and starts sending the outgoing state to r+1 before it
+moves on to the next layer, so the ranks proceed as a wavefront (DESIGN section 6). Backward is
+the same wavefront reversed: `relay.StateRelay` carries the gradient of each received state back
+to its sender.
+
+The model is driven through its layer-level API (`embed_tokens`, `layers[i](hidden, state,
+position)`, `layers[i].empty_state(...)`, `final_logits`), so every variant works unchanged.
+
+Loss and gradients: the loss is the mean over all tokens of all spans of all replicas. Each rank
+back-propagates `sp * (sum of its span's token losses) / tokens_per_replica`; averaging the
+parameter gradients over the gradient group (dp x sp, as DeepSpeed does with our mpu, or
+`average_gradients` without it) then gives exactly the gradient of that mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from titans_train.parallel.context import ParallelContext
+from titans_train.parallel.layout import ParallelConfigError
+from titans_train.parallel.relay import StateRelay
+
+
+@dataclass
+class StepLoss:
+    objective: torch.Tensor  # what this rank back-propagates (scaled, relay zeros included)
+    loss: torch.Tensor  # detached: the mean token loss of the global batch (all replicas)
+    relay: StateRelay  # call relay.finish() after backward
+
+
+def span_bounds(seq_len: int, context: ParallelContext) -> tuple[int, int]:
+    """[start, stop) of the tokens this rank owns."""
+    if seq_len % context.sp_size:
+        raise ParallelConfigError(
+            "parallel.sp",
+            f"sequence length {seq_len} does not split into {context.sp_size} equal spans; "
+            f"use a seq_len that is a multiple of parallel.sp (x chunk size, x segment length)",
+        )
+    span = seq_len // context.sp_size
+    return context.sp_rank * span, (context.sp_rank + 1) * span
+
+
+def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRelay,
+                 anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of this rank's span (B, S, V_local), and the sum of the relay zeros (0-dim).
+
+    `input_ids` (B, S) are the span's tokens, starting at absolute `position`.
+    """
+    batch = input_ids.shape[0]
+    hidden = model.embed_tokens(input_ids)  # (B, S, D)
+    relay_zeros = anchor.new_zeros(())
+    for layer in model.layers:
+        if relay.previous_rank is None:
+            incoming = None  # the first span starts from the layer's own initial state
+        else:
+            template = layer.empty_state(batch, position, hidden.device, hidden.dtype)
+            incoming = relay.receive(template, anchor)
+            # Parameters that only shape the initial state (the memory's W^0) get no gradient on
+            # later spans; a zero-weighted use keeps every parameter in every rank's graph, which
+            # bucketed gradient reductions (ZeRO) need to stay in step across ranks.
+            initial = layer.initial_state(batch, hidden.device, hidden.dtype)
+            for tensor in initial.values():
+                if tensor.requires_grad:
+                    relay_zeros = relay_zeros + tensor.sum() * 0
+        hidden, outgoing = layer(hidden, incoming, position)
+        if relay.next_rank is not None:
+            relay_zeros = relay_zeros + relay.send(outgoing, anchor)
+    return model.final_logits(hidden), relay_zeros
+
+
+def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext,
+                           token_loss_fn) -> StepLoss:
+    """Forward of this rank's span of `tokens` (B, T+1): inputs tokens[:, :-1], labels [:, 1:].
+
+    `token_loss_fn(logits, labels) -> (B, S)` per-token losses (vocab-parallel under tp).
+    Every rank of a replica passes the same `tokens`; each takes its own span.
+    """
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    batch, seq_len = inputs.shape
+    start, stop = span_bounds(seq_len, context)
+    relay = StateRelay(context.sp_previous_rank, context.sp_next_rank)
+    parameter = next(model.parameters())
+    anchor = torch.zeros((), dtype=parameter.dtype, device=parameter.device, requires_grad=True)
+    logits, relay_zeros = forward_span(model, inputs[:, start:stop], start, relay, anchor)
+    span_loss_sum = token_loss_fn(logits, labels[:, start:stop]).float().sum()
+    objective = span_loss_sum * (context.sp_size / (batch * seq_len)) + relay_zeros
+    total = span_loss_sum.detach().clone()
+    if context.gradient_group is not None:
+        dist.all_reduce(total, group=context.gradient_group)
+    loss = total / (batch * seq_len * context.data_world_size)
+    return StepLoss(objective=objective, loss=loss, relay=relay)
+
+
+def average_gradients(model, context: ParallelContext) -> None:
+    """Mean of every parameter gradient over the gradient group (dp x sp): what ZeRO does too."""
+    if context.gradient_group is None:
+        return
+    size = context.layout.dp * context.layout.sp
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad, group=context.gradient_group)
+            parameter.grad.div_(size)

@@ -1,0 +1,64 @@
+"""Checks of `parallel.tp` / `parallel.sp` against the model and the world, before any group work.
+
+Each failure is a `ParallelConfigError` naming the config key, the numbers that clash and the fix.
+"""
+
+from __future__ import annotations
+
+from titans_train.parallel.layout import ParallelConfigError, ParallelLayout
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_tensor_parallel(model_config, tp: int) -> None:
+    """Heads are the tensor-parallel unit: every head count (and the MLP width) must divide by tp."""
+    checks = [("model.n_heads", model_config.n_heads)]
+    if model_config.has_memory:
+        checks.append(("model.n_memory_heads", model_config.memory_heads))
+    checks.append(("model.mlp_hidden_dim", model_config.mlp_hidden))
+    for key, value in checks:
+        if value % tp:
+            usable = [d for d in _divisors(value) if d > 1]
+            raise ParallelConfigError(
+                "parallel.tp",
+                f"{key} = {value} is not divisible by parallel.tp = {tp}: tensor parallelism splits "
+                f"whole heads (and MLP channels) over the tp ranks. Use a parallel.tp in {usable or [1]} "
+                f"(dividing every head count), or change {key}.",
+            )
+
+
+def validate_sequence_parallel(model_config, sp: int, seq_len: int) -> None:
+    """Span length T/sp must be whole and a multiple of the chunk size (and MAC segment length),
+    so chunk and segment boundaries, and so the result, do not move with sp."""
+    if seq_len % sp:
+        raise ParallelConfigError(
+            "parallel.sp",
+            f"sequence length {seq_len} does not split into parallel.sp = {sp} equal spans; "
+            f"use a parallel.sp in {_divisors(seq_len)} or a seq_len divisible by {sp}.",
+        )
+    span = seq_len // sp
+    units = []
+    if model_config.has_memory:
+        units.append(("model.chunk_size", model_config.chunk_size))
+    if model_config.variant == "mac":
+        units.append(("model.segment_len", model_config.segment_len))
+    for key, unit in units:
+        if span % unit:
+            good = [p for p in _divisors(seq_len) if (seq_len // p) % unit == 0]
+            raise ParallelConfigError(
+                "parallel.sp",
+                f"span length seq_len / parallel.sp = {seq_len} / {sp} = {span} is not a multiple "
+                f"of {key} = {unit}, so a span boundary would cut a {key.split('.')[1]} in two. "
+                f"Use a parallel.sp in {good} or a seq_len that is a multiple of {sp} x {unit}.",
+            )
+
+
+def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int,
+                             seq_len: int) -> ParallelLayout:
+    """All checks at once; returns the (tp, sp, dp) layout. Call before creating process groups."""
+    layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
+    validate_tensor_parallel(model_config, tp)
+    validate_sequence_parallel(model_config, sp, seq_len)
+    return layout
