@@ -66,7 +66,9 @@ def _load_composed(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.create({})
     for base in bases:
         base_path = resolve_recipe_path(str(base), relative_to=path.parent)
-        merged = OmegaConf.merge(merged, _load_composed(base_path, chain + (path,)))
+        part = _load_composed(base_path, chain + (path,))
+        part.pop("name", None)  # a run is named by its own recipe, not by the parts it includes
+        merged = OmegaConf.merge(merged, part)
     return OmegaConf.merge(merged, raw)
 
 
