@@ -18,6 +18,15 @@ SEQ_LEN = 14
 SPLITS = (1, 3, 5, 6, 7, 10, 12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on a shared 2-core machine: extra threads only contend (10x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(variant: str, **overrides) -> TitansConfig:
     values = dict(variant=variant, vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, n_memory_heads=2,
                   memory_depth=2, memory_expansion=2, chunk_size=3, segment_len=6, window=5,

@@ -186,9 +186,6 @@ class MACMixer(nn.Module):
     def __init__(self, config: TitansConfig):
         super().__init__()
         self.segment_len = config.segment_len
-        # First memory head of this module; tensor parallelism sets it to the first head a rank
-        # owns, because y (the full attention output) is multiplied head-wise with the memory's.
-        self.memory_head_offset = 0
         self.memory = NeuralMemory(config)
         self.attention = _attention(config)
         self.attention_out_proj = nn.Linear(config.dim, config.dim, bias=False)
@@ -244,9 +241,9 @@ class MACMixer(nn.Module):
             )  # (B, H, length, d)
             y = self.attention_out_proj(merge_heads(attended))  # (B, length, D)
             updated, memory_state = self.memory(y, memory_state, self.segment_len, stats)
-            y_heads = split_heads(y, y.shape[-1] // self.memory.head_dim)  # (B, all Hm, length, d)
-            own_heads = slice(self.memory_head_offset, self.memory_head_offset + updated.shape[1])
-            outputs.append(y_heads[:, own_heads] * updated)  # (B, Hm, length, d)
+            # y's channels pair with the memory heads' channels (under tensor parallelism the
+            # attention output projection hands each rank the channels of its own heads).
+            outputs.append(split_heads(y, self.memory.n_memory_heads) * updated)  # (B, Hm, length, d)
             if offset + length == self.segment_len:
                 cache = {name: value[:, :, :0] for name, value in cache.items()}
             start += length
