@@ -1,0 +1,294 @@
+"""`prepare_dataset`: corpus files -> tokenized, globally shuffled webdataset shards + manifest.
+
+Stages, each restartable (an interrupted run is simply run again):
+1. tokenize every source file in a process pool (documents joined with EOS) into a cached token
+   file under `<output>/.prepare-work/`, written under a temporary name and renamed;
+2. join the files' tokens into one stream (sorted file order), cut it into samples of
+   seq_len + 1 tokens (the tail shorter than one sample is dropped), and permute them (seed);
+3. write the shards in the pool, each under a temporary name and renamed;
+4. write `manifest.json` last, atomically, then remove the work directory.
+A directory without a manifest is never read as a dataset, so no half-written state is visible.
+
+Scaling: the sample permutation is held in memory (8 bytes per sample) and the token stream is
+memory-mapped from disk; prepare corpora beyond ~10^9 samples in parts and mix them in the loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from titans_train.data.errors import DataError, EmptyInputError
+from titans_train.data.manifest import MANIFEST_NAME, Manifest, write_manifest
+from titans_train.data.shards import SampleLayout, ShardInfo, write_shard
+from titans_train.data.sources import expand_inputs, read_documents
+from titans_train.data.tokenizer import load_tokenizer, token_dtype
+
+WORK_DIR = ".prepare-work"
+BATCH_TEXT_BYTES = 1 << 20  # documents are sent to the pool in batches of about 1 MiB of text
+DEFAULT_SHARD_BYTES = 256 << 20
+
+
+@dataclass
+class _SourceTokens:
+    path: str
+    tokens_file: str
+    num_tokens: int
+    num_documents: int
+    text_bytes: int
+
+
+# --- worker side (process pool) ---------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_spec: str, eos_token: str | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_spec, eos_token)
+
+
+def _tokenize_batch(item: tuple[int, list[str], bool]) -> tuple[int, np.ndarray, int, int, bool]:
+    """Tokens of the documents, each followed by EOS, plus (document count, text bytes)."""
+    file_index, documents, is_last = item
+    tokenizer = _worker_tokenizer
+    dtype = token_dtype(tokenizer.vocab_size)
+    pieces = []
+    for ids in tokenizer.encode_batch(documents):
+        pieces.append(np.asarray(ids, dtype=dtype))
+        pieces.append(np.asarray([tokenizer.eos_id], dtype=dtype))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    text_bytes = sum(len(document.encode("utf-8")) for document in documents)
+    return file_index, tokens, len(documents), text_bytes, is_last
+
+
+def _write_shard_job(job: tuple) -> ShardInfo:
+    path, stream_file, dtype, keys, layout = job
+    stream = np.memmap(stream_file, dtype=dtype, mode="r")
+    width = layout.tokens_per_sample
+    # Sample k is stream[k * width : (k + 1) * width]; sorted reads keep the disk access sequential.
+    order = np.argsort(keys, kind="stable")
+    gathered = np.empty((len(keys), width), dtype=dtype)
+    for row, key in zip(order, keys[order]):
+        gathered[row] = stream[key * width : (key + 1) * width]
+    return write_shard(path, keys, gathered, layout)
+
+
+# --- main side --------------------------------------------------------------------------------
+
+
+def _atomic_write_json(path: str, content: dict) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(content, handle)
+    os.replace(temporary, path)
+
+
+def _source_key(path: str, tokenizer_sha: str, text_field: str) -> str:
+    stat = os.stat(path)
+    identity = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{tokenizer_sha}\0{text_field}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
+def _document_batches(files: list[tuple[int, str]], text_field: str) -> Iterator[tuple[int, list[str], bool]]:
+    for file_index, path in files:
+        batch: list[str] = []
+        size = 0
+        for document in read_documents(path, text_field):
+            batch.append(document)
+            size += len(document)
+            if size >= BATCH_TEXT_BYTES:
+                yield file_index, batch, False
+                batch, size = [], 0
+        yield file_index, batch, True
+
+
+def _progress(total: int | None, unit: str, description: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=description, file=sys.stderr,
+                disable=not enabled, dynamic_ncols=True)
+
+
+def _tokenize_sources(files, tokenizer, eos_token, text_field, work_dir, pool, progress) -> list[_SourceTokens]:
+    dtype = token_dtype(tokenizer.vocab_size)
+    results: list[_SourceTokens | None] = [None] * len(files)
+    pending: list[tuple[int, str]] = []
+    for index, path in enumerate(files):
+        key = _source_key(path, tokenizer.identity.sha256, text_field)
+        tokens_file = os.path.join(work_dir, f"tokens-{key}.bin")
+        record_file = tokens_file + ".json"
+        if os.path.exists(record_file) and os.path.exists(tokens_file):
+            with open(record_file) as handle:
+                results[index] = _SourceTokens(path, tokens_file, **json.load(handle))
+        else:
+            pending.append((index, path))
+            results[index] = _SourceTokens(path, tokens_file, 0, 0, 0)
+    if pending:
+        batches = _document_batches(pending, text_field)
+        if pool is None:
+            _init_worker(tokenizer.spec, eos_token)
+            outputs = map(_tokenize_batch, batches)
+        else:
+            outputs = pool.imap(_tokenize_batch, batches)
+        open_files: dict[int, object] = {}
+        with _progress(None, "B", "tokenize", progress) as bar:
+            for file_index, tokens, num_documents, text_bytes, is_last in outputs:
+                source = results[file_index]
+                temporary = f"{source.tokens_file}.tmp-{os.getpid()}"
+                if file_index not in open_files:
+                    open_files[file_index] = open(temporary, "wb")
+                open_files[file_index].write(tokens.astype(dtype, copy=False).tobytes())
+                source.num_tokens += len(tokens)
+                source.num_documents += num_documents
+                source.text_bytes += text_bytes
+                bar.update(text_bytes)
+                if is_last:
+                    open_files.pop(file_index).close()
+                    os.replace(temporary, source.tokens_file)
+                    _atomic_write_json(source.tokens_file + ".json", {
+                        "num_tokens": source.num_tokens, "num_documents": source.num_documents,
+                        "text_bytes": source.text_bytes,
+                    })
+    return results
+
+
+def _join_stream(sources: list[_SourceTokens], dtype: str, work_dir: str) -> tuple[str, int]:
+    key = hashlib.sha256("\0".join(s.tokens_file for s in sources).encode()).hexdigest()[:24]
+    stream_file = os.path.join(work_dir, f"stream-{key}.bin")
+    total = sum(s.num_tokens for s in sources)
+    if os.path.exists(stream_file) and os.path.getsize(stream_file) == total * np.dtype(dtype).itemsize:
+        return stream_file, total
+    temporary = f"{stream_file}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as out:
+        for source in sources:
+            with open(source.tokens_file, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 22)
+    os.replace(temporary, stream_file)
+    return stream_file, total
+
+
+def prepare_dataset(
+    inputs: list[str] | str,
+    output_dir: str,
+    tokenizer: str = "byte",
+    seq_len: int = 2048,
+    *,
+    text_field: str = "text",
+    eos_token: str | None = None,
+    seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Tokenize `inputs` into webdataset shards of seq_len + 1 token samples under `output_dir`.
+
+    inputs: files, directories (searched recursively) or globs of .txt/.jsonl/.parquet files,
+    optionally .gz/.zst compressed. num_workers: tokenizer processes (default: all cores).
+    Returns the manifest, which is also written to `output_dir/manifest.json` (last).
+    """
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    files = expand_inputs(inputs)
+    tokenizer_object = load_tokenizer(tokenizer, eos_token)
+    os.makedirs(output_dir, exist_ok=True)
+    manifest_path = os.path.join(output_dir, MANIFEST_NAME)
+    if os.path.exists(manifest_path):
+        if not overwrite:
+            raise DataError(
+                f"{output_dir} already holds a prepared dataset ({manifest_path}); pass a new "
+                "directory or overwrite=True (CLI: --overwrite)"
+            )
+        os.remove(manifest_path)  # the directory stops being a dataset before anything changes
+    work_dir = os.path.join(output_dir, WORK_DIR)
+    os.makedirs(work_dir, exist_ok=True)
+    dtype = token_dtype(tokenizer_object.vocab_size)
+    layout = SampleLayout(seq_len, dtype)
+    num_workers = num_workers or os.cpu_count() or 1
+
+    pool = None
+    if num_workers > 1:
+        # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
+        # The workers only tokenize and write files, never touch torch, so forking is safe.
+        context = multiprocessing.get_context("fork")
+        pool = context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_object.spec, eos_token))
+    try:
+        sources = _tokenize_sources(files, tokenizer_object, eos_token, text_field, work_dir, pool, progress)
+        num_documents = sum(s.num_documents for s in sources)
+        if num_documents == 0:
+            raise EmptyInputError(f"inputs {files[:5]}{'...' if len(files) > 5 else ''} contain no text; "
+                                  "point at non-empty corpus files (or check --text-field)")
+        stream_file, num_tokens = _join_stream(sources, dtype, work_dir)
+        num_samples = num_tokens // layout.tokens_per_sample
+        if num_samples == 0:
+            raise EmptyInputError(
+                f"the corpus has {num_tokens} tokens, fewer than one sample of seq_len + 1 = "
+                f"{layout.tokens_per_sample}; add text or lower --seq-len"
+            )
+        permutation = np.random.default_rng(seed).permutation(num_samples)
+        per_shard = max(1, shard_bytes // layout.member_bytes)
+        jobs = []
+        for shard_index, start in enumerate(range(0, num_samples, per_shard)):
+            path = os.path.join(output_dir, f"shard-{shard_index:06d}.tar")
+            jobs.append((path, stream_file, dtype, permutation[start : start + per_shard], layout))
+        plan = f"{stream_file}\0{seed}\0{seq_len}\0{dtype}\0{per_shard}\0{num_samples}"
+        shard_infos = _write_shards(jobs, work_dir, pool, progress, plan)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    keep = {info.file for info in shard_infos}
+    for name in os.listdir(output_dir):
+        if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
+            os.remove(os.path.join(output_dir, name))  # leftovers of an earlier, different prepare
+    manifest = Manifest(
+        tokenizer={**tokenizer_object.identity.as_dict(), "vocab_size": tokenizer_object.vocab_size,
+                   "eos_id": tokenizer_object.eos_id, "spec": tokenizer_object.spec},
+        seq_len=seq_len,
+        dtype=dtype,
+        shards=[info.as_dict() for info in shard_infos],
+        sources=[{"path": s.path, "documents": s.num_documents, "tokens": s.num_tokens,
+                  "text_bytes": s.text_bytes} for s in sources],
+        num_documents=num_documents,
+        num_tokens=num_tokens,
+        text_bytes=sum(s.text_bytes for s in sources),
+        shuffle_seed=seed,
+        text_field=text_field,
+    ).finalize()
+    write_manifest(output_dir, manifest)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return manifest
+
+
+def _write_shards(jobs, work_dir, pool, progress, plan: str) -> list[ShardInfo]:
+    """Write the shards not already written by an interrupted earlier run of the same plan."""
+    plan_key = hashlib.sha256(plan.encode()).hexdigest()[:24]
+    record_file = os.path.join(work_dir, f"shards-{plan_key}.json")
+    done: dict[str, dict] = {}
+    if os.path.exists(record_file):
+        with open(record_file) as handle:
+            done = json.load(handle)
+    todo = [job for job in jobs if not _shard_done(job[0], done)]
+    outputs = map(_write_shard_job, todo) if pool is None else pool.imap(_write_shard_job, todo)
+    with _progress(len(jobs), "shard", "write", progress) as bar:
+        bar.update(len(jobs) - len(todo))
+        for info in outputs:
+            done[info.file] = info.as_dict()
+            _atomic_write_json(record_file, done)
+            bar.update(1)
+    return [ShardInfo(**done[os.path.basename(job[0])]) for job in jobs]
+
+
+def _shard_done(path: str, done: dict[str, dict]) -> bool:
+    record = done.get(os.path.basename(path))
+    return record is not None and os.path.exists(path) and os.path.getsize(path) == record["bytes"]

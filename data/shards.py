@@ -1,0 +1,177 @@
+"""Webdataset tar shards of fixed-length token samples: writing, and random access by index.
+
+Each sample is one tar member `{key}.tokens.npy` holding a 1-D array of seq_len + 1 token ids
+(uint16 or uint32): a plain webdataset that `webdataset.WebDataset(url).decode()` reads as numpy.
+The writer makes every member the same size (fixed-width keys, fixed mtime, ustar headers), so
+sample i of a shard starts at byte i * member_bytes: the loader memory-maps a shard and reads any
+sample in O(1) without scanning the archive, which is what makes random access scale to large
+shards. The member header is still checked on every read, so a file of another layout is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import webdataset  # imported here (it pulls in torch, ~5 s) so forked prepare workers inherit it
+
+from titans_train.data.errors import ShardError
+
+TAR_BLOCK = 512
+MEMBER_SUFFIX = ".tokens.npy"
+KEY_WIDTH = 12  # sample keys are zero-padded stream positions: up to 10^12 samples per dataset
+FIXED_MTIME = 0  # identical inputs give byte-identical shards
+
+
+def _npy_bytes(tokens: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, tokens, version=(1, 0), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Byte layout of one sample member, a pure function of (seq_len, dtype)."""
+
+    seq_len: int
+    dtype: str
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.seq_len + 1
+
+    @property
+    def npy_header_bytes(self) -> int:
+        empty = np.zeros(self.tokens_per_sample, dtype=self.dtype)
+        return len(_npy_bytes(empty)) - empty.nbytes
+
+    @property
+    def member_bytes(self) -> int:
+        data = self.npy_header_bytes + self.tokens_per_sample * np.dtype(self.dtype).itemsize
+        return TAR_BLOCK + -(-data // TAR_BLOCK) * TAR_BLOCK
+
+
+def sample_key(index: int) -> str:
+    return f"{index:0{KEY_WIDTH}d}"
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes_written += len(data)
+        return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # name relative to the dataset directory
+    samples: int
+    bytes: int
+    sha256: str
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+def write_shard(path: str, keys: np.ndarray, samples: np.ndarray, layout: SampleLayout) -> ShardInfo:
+    """Write samples (n, seq_len + 1) under their keys to `path`, atomically (temp file + rename)."""
+    if samples.ndim != 2 or samples.shape[1] != layout.tokens_per_sample:
+        raise ValueError(f"samples must be (n, {layout.tokens_per_sample}), got {samples.shape}")
+    samples = samples.astype(layout.dtype, copy=False)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    sink = _HashingFile(temporary)
+    try:
+        writer = webdataset.TarWriter(sink, encoder=False, mtime=FIXED_MTIME, user="", group="", mode=0o444)
+        for key, tokens in zip(keys, samples):
+            writer.write({"__key__": sample_key(int(key)), "tokens.npy": _npy_bytes(tokens)})
+        writer.close()
+        sink.close()
+        expected_payload = len(samples) * layout.member_bytes
+        if sink.bytes_written < expected_payload:
+            raise RuntimeError(f"shard {path}: wrote {sink.bytes_written} bytes, expected >= {expected_payload}")
+        os.replace(temporary, path)
+    except BaseException:
+        sink._file.close()
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return ShardInfo(os.path.basename(path), len(samples), sink.bytes_written, sink.sha256.hexdigest())
+
+
+def file_sha256(path: str, block_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardReader:
+    """Random access to the samples of one shard; opens (memory-maps) the file on first use."""
+
+    def __init__(self, path: str, info: ShardInfo, layout: SampleLayout, fix_hint: str) -> None:
+        self.path = path
+        self.info = info
+        self.layout = layout
+        self._fix_hint = fix_hint
+        self._stride = layout.member_bytes
+        self._token_offset = TAR_BLOCK + layout.npy_header_bytes
+        self._map: np.memmap | None = None
+
+    def open(self) -> None:
+        """Check that the file exists and has the manifest's size, then memory-map it."""
+        if self._map is not None:
+            return
+        if not os.path.exists(self.path):
+            raise ShardError(f"shard {self.path} is missing; {self._fix_hint}")
+        size = os.path.getsize(self.path)
+        if size != self.info.bytes:
+            raise ShardError(
+                f"shard {self.path} has {size} bytes but the manifest says {self.info.bytes} "
+                f"(truncated or overwritten); {self._fix_hint}"
+            )
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def verify_checksum(self) -> None:
+        self.open()
+        if file_sha256(self.path) != self.info.sha256:
+            raise ShardError(f"shard {self.path} does not match its sha256 in the manifest; {self._fix_hint}")
+
+    def read(self, index: int) -> tuple[int, np.ndarray]:
+        """(key, tokens) of sample `index` of this shard; tokens is (seq_len + 1,) of the shard dtype."""
+        self.open()
+        start = index * self._stride
+        header = bytes(self._map[start : start + TAR_BLOCK])
+        name = header[:100].rstrip(b"\0").decode("ascii", errors="replace")
+        if not name.endswith(MEMBER_SUFFIX) or len(name) != KEY_WIDTH + len(MEMBER_SUFFIX):
+            raise ShardError(
+                f"shard {self.path}: member {index} is {name!r}, not a token sample at the expected "
+                f"offset (corrupted, or not written by titans-train); {self._fix_hint}"
+            )
+        tokens = np.frombuffer(
+            self._map, dtype=self.layout.dtype, count=self.layout.tokens_per_sample,
+            offset=start + self._token_offset,
+        )
+        return int(name[:KEY_WIDTH]), tokens
+
+    def __getstate__(self) -> dict:
+        # Loader workers reopen the map in their own process.
+        state = self.__dict__.copy()
+        state["_map"] = None
+        return state
