@@ -1,0 +1,91 @@
+"""Training-step throughput (forward + backward + AdamW) of every variant next to the transformer.
+
+    .venv/bin/python benchmarks/model_step.py                # ~10M parameters, T=1024, batch 1
+    .venv/bin/python benchmarks/model_step.py --variants transformer mac --steps 3
+
+Prints, per variant: parameters, median tokens/s over the measured steps (after warm-up), the
+ratio to the transformer baseline measured in the same process, and the achieved GFLOP/s from the
+analytic `flops_per_token`. Random tokens: throughput does not depend on the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from titans_train.model import VARIANTS, TitansConfig, TitansLM, no_weight_decay
+from titans_train.model.flops import flops_per_token
+
+
+def build_config(variant: str, args: argparse.Namespace) -> TitansConfig:
+    return TitansConfig(
+        variant=variant, vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers,
+        n_heads=args.n_heads, chunk_size=args.chunk_size, segment_len=args.segment_len,
+        window=args.window,
+    )
+
+
+def step_times(model: TitansLM, args: argparse.Namespace) -> list[float]:
+    parameters = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in parameters if not no_weight_decay(n, p)], "weight_decay": 0.1},
+        {"params": [p for n, p in parameters if no_weight_decay(n, p)], "weight_decay": 0.0},
+    ], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1), generator=generator)
+        start = time.perf_counter()
+        logits = model(tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
+    return times[args.warmup:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=12)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--segment-len", type=int, default=128)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = ["transformer"] + [v for v in args.variants if v != "transformer"]
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x T {args.seq_len}, "
+          f"dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, chunk {args.chunk_size}, "
+          f"segment {args.segment_len}, window {args.window}, {args.warmup} warm-up + {args.steps} steps")
+    print(f"{'variant':<12} {'params':>9} {'tokens/s':>9} {'vs transformer':>15} {'GFLOP/s':>8}  step times (s)")
+    baseline = None
+    for variant in variants:
+        torch.manual_seed(0)
+        config = build_config(variant, args)
+        model = TitansLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        times = step_times(model, args)
+        tokens_per_s = args.batch * args.seq_len / statistics.median(times)
+        baseline = baseline or tokens_per_s
+        gflops = tokens_per_s * flops_per_token(config, args.seq_len) / 1e9
+        print(f"{variant:<12} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {tokens_per_s / baseline:>15.2f} "
+              f"{gflops:>8.1f}  {' '.join(f'{t:.2f}' for t in times)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
