@@ -19,6 +19,7 @@ import os
 import shutil
 import sysconfig
 
+from titans_train.data.errors import EmptyInputError
 from titans_train.data.manifest import MANIFEST_NAME
 from titans_train.data.prepare import prepare_dataset
 from titans_train.data.tokenizer import load_tokenizer
@@ -76,14 +77,18 @@ def _content_key(stdlib_dir: str, files: list[str]) -> str:
 
 
 def builtin_corpus(cache_dir: str | None = None, tokenizer: str = "byte", seq_len: int = 512,
-                   *, num_workers: int | None = None, progress: bool = True) -> tuple[str, str]:
+                   *, num_workers: int | None = None, progress: bool = True,
+                   stdlib_dir: str | None = None) -> tuple[str, str]:
     """(train_dir, validation_dir) of the stdlib corpus, prepared on first use into `cache_dir`.
 
-    cache_dir defaults to $TITANS_TRAIN_CACHE or ~/.cache/titans-train.
+    cache_dir defaults to $TITANS_TRAIN_CACHE or ~/.cache/titans-train. stdlib_dir (tests) reads
+    the same module list from another directory laid out like the stdlib.
     """
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
-    stdlib_dir = sysconfig.get_paths()["stdlib"]
+    stdlib_dir = stdlib_dir or sysconfig.get_paths()["stdlib"]
     files = stdlib_files(stdlib_dir)
+    if not files:
+        raise EmptyInputError(f"{stdlib_dir} holds none of the built-in corpus modules; is it a Python stdlib?")
     tokenizer_object = load_tokenizer(tokenizer)
     key = f"{_content_key(stdlib_dir, files)}-{tokenizer_object.identity.sha256[:12]}-seq{seq_len}"
     root = os.path.join(cache_dir, f"stdlib-{key}")

@@ -84,7 +84,8 @@ class JsonTokenizer:
         self.spec = os.path.abspath(path)
         name = os.path.basename(path)
         self.identity = TokenizerIdentity(name, hashlib.sha256(content).hexdigest())
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # One past the largest id (not the entry count): ids need not be contiguous.
+        self.vocab_size = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
         self.eos_id = self._find_eos(path, eos_token)
 
     def _find_eos(self, path: str, eos_token: str | None) -> int:

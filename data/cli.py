@@ -1,0 +1,110 @@
+"""`titans-train data ...`: prepare, train-tokenizer, builtin, inspect, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from titans_train.data.errors import DataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    prepare = commands.add_parser("prepare", help="tokenize a corpus into webdataset shards + manifest")
+    prepare.add_argument("inputs", nargs="+", help="files, directories or globs (.txt/.jsonl/.parquet, .gz/.zst)")
+    prepare.add_argument("-o", "--output", required=True, help="output directory for shards and manifest.json")
+    prepare.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizers JSON file (default: byte)")
+    prepare.add_argument("--eos-token", default=None, help="EOS token of a JSON tokenizer (default: guessed)")
+    prepare.add_argument("--seq-len", type=int, required=True, help="tokens per sample, plus one for the target shift")
+    prepare.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
+    prepare.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB (default: 256)")
+    prepare.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer (offline)")
+    train.add_argument("inputs", nargs="+", help="files, directories or globs")
+    train.add_argument("-o", "--output", required=True, help="tokenizer JSON file to write")
+    train.add_argument("--vocab-size", type=int, default=32000)
+    train.add_argument("--text-field", default="text")
+    train.add_argument("--min-frequency", type=int, default=2)
+
+    builtin = commands.add_parser("builtin", help="prepare the built-in stdlib corpus into the cache")
+    builtin.add_argument("--cache-dir", default=None, help="default: $TITANS_TRAIN_CACHE or ~/.cache/titans-train")
+    builtin.add_argument("--tokenizer", default="byte")
+    builtin.add_argument("--seq-len", type=int, required=True)
+
+    inspect = commands.add_parser("inspect", help="summarise a prepared dataset and show a sample")
+    inspect.add_argument("directory")
+    inspect.add_argument("--sample", type=int, default=0, help="sample index to decode (default: 0)")
+    inspect.add_argument("--chars", type=int, default=400, help="characters of the sample to print")
+
+    verify = commands.add_parser("verify", help="check every shard's size and sha256 against the manifest")
+    verify.add_argument("directory")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        from titans_train.data.prepare import prepare_dataset
+
+        manifest = prepare_dataset(
+            args.inputs, args.output, args.tokenizer, args.seq_len, text_field=args.text_field,
+            eos_token=args.eos_token, seed=args.seed, shard_bytes=int(args.shard_mb * 2**20),
+            num_workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
+        )
+        print(f"prepared {manifest.num_samples} samples of {args.seq_len}+1 tokens in "
+              f"{len(manifest.shards)} shards from {manifest.num_documents} documents "
+              f"({manifest.text_bytes / 1e6:.1f} MB of text) -> {args.output}")
+    elif args.data_command == "train-tokenizer":
+        from titans_train.data.train_tokenizer import train_tokenizer
+
+        path = train_tokenizer(args.inputs, args.output, args.vocab_size, text_field=args.text_field,
+                               min_frequency=args.min_frequency)
+        print(f"wrote {path}")
+    elif args.data_command == "builtin":
+        from titans_train.data.builtin import builtin_corpus
+
+        train_dir, validation_dir = builtin_corpus(args.cache_dir, args.tokenizer, args.seq_len)
+        print(f"train: {train_dir}\nvalidation: {validation_dir}")
+    elif args.data_command == "inspect":
+        _inspect(args)
+    elif args.data_command == "verify":
+        from titans_train.data.dataset import PreparedDataset
+
+        dataset = PreparedDataset(args.directory, verify_checksums=True)
+        print(f"ok: {len(dataset.shards)} shards, {len(dataset)} samples match {args.directory}/manifest.json")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from titans_train.data.dataset import PreparedDataset
+    from titans_train.data.tokenizer import load_tokenizer
+
+    dataset = PreparedDataset(args.directory)
+    manifest = dataset.manifest
+    summary = {
+        "samples": len(dataset), "seq_len": manifest.seq_len, "dtype": manifest.dtype,
+        "shards": len(manifest.shards), "documents": manifest.num_documents,
+        "tokens": manifest.num_tokens, "text_bytes": manifest.text_bytes,
+        "tokenizer": {k: manifest.tokenizer[k] for k in ("name", "sha256", "vocab_size", "eos_id")},
+        "sources": len(manifest.sources), "fingerprint": manifest.fingerprint,
+    }
+    print(json.dumps(summary, indent=1))
+    key, tokens = dataset.read([args.sample])
+    spec = manifest.tokenizer.get("spec", manifest.tokenizer["name"])
+    try:
+        text = load_tokenizer(spec).decode(tokens[0].tolist())
+    except DataError as error:
+        text = f"(cannot decode: {error})"
+    print(f"sample {args.sample} (stream position {int(key[0])}):\n{text[: args.chars]}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DataError as error:
+        print(f"titans-train data: error: {error}", file=sys.stderr)
+        return 2

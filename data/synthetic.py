@@ -1,0 +1,46 @@
+"""Small synthetic corpora for tests and benchmarks: pseudo-random words, unique per document."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+
+WORDS = ("memory", "surprise", "momentum", "forget", "gate", "token", "chunk", "layer", "head",
+         "state", "attention", "window", "segment", "persistent", "gradient", "titans", "learn")
+
+
+def synthetic_documents(num_documents: int, words_per_document: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    documents = []
+    for index in range(num_documents):
+        words = rng.choice(WORDS, size=words_per_document)
+        documents.append(f"doc {index}: " + " ".join(words) + f" {rng.integers(1 << 30)}.")
+    return documents
+
+
+def write_corpus(directory: str, documents: list[str], kind: str = "txt") -> list[str]:
+    """Write documents as one .txt per document ('txt'), or one .jsonl / .jsonl.gz file. Returns paths."""
+    os.makedirs(directory, exist_ok=True)
+    if kind == "txt":
+        paths = []
+        for index, document in enumerate(documents):
+            path = os.path.join(directory, f"doc-{index:05d}.txt")
+            with open(path, "w") as handle:
+                handle.write(document)
+            paths.append(path)
+        return paths
+    lines = "".join(json.dumps({"text": document}) + "\n" for document in documents).encode()
+    if kind == "jsonl":
+        path = os.path.join(directory, "corpus.jsonl")
+        with open(path, "wb") as handle:
+            handle.write(lines)
+    elif kind == "jsonl.gz":
+        path = os.path.join(directory, "corpus.jsonl.gz")
+        with gzip.open(path, "wb") as handle:
+            handle.write(lines)
+    else:
+        raise ValueError(f"kind must be txt, jsonl or jsonl.gz, got {kind!r}")
+    return [path]

@@ -1,0 +1,228 @@
+"""Prepare: formats, round trip shards -> documents' token stream, determinism, interrupt + rerun,
+and the typed errors (empty input, truncated / missing / corrupted shard, tokenizer and seq_len
+mismatch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from titans_train.data import prepare as prepare_module
+from titans_train.data.dataset import PreparedDataset
+from titans_train.data.errors import (
+    DataError, EmptyInputError, ManifestError, SeqLenMismatchError, ShardError, TokenizerMismatchError,
+)
+from titans_train.data.manifest import read_manifest
+from titans_train.data.prepare import prepare_dataset
+from titans_train.data.shards import SampleLayout
+from titans_train.data.synthetic import synthetic_documents, write_corpus
+from titans_train.data.tokenizer import ByteTokenizer, load_tokenizer
+
+SEQ_LEN = 31
+
+
+def token_stream(documents: list[str], tokenizer) -> np.ndarray:
+    """The reference: every document's tokens followed by EOS, in order."""
+    pieces = []
+    for document in documents:
+        pieces += tokenizer.encode(document) + [tokenizer.eos_id]
+    return np.asarray(pieces, dtype=np.int64)
+
+
+def read_shards_plainly(directory: str) -> dict[int, np.ndarray]:
+    """Key -> tokens, read with tarfile + numpy only (any webdataset reader sees the same)."""
+    import io
+
+    samples = {}
+    manifest = json.load(open(os.path.join(directory, "manifest.json")))
+    for shard in manifest["shards"]:
+        with tarfile.open(os.path.join(directory, shard["file"])) as archive:
+            members = archive.getmembers()
+            assert len(members) == shard["samples"]
+            for member in members:
+                key, extension = member.name.split(".", 1)
+                assert extension == "tokens.npy"
+                samples[int(key)] = np.load(io.BytesIO(archive.extractfile(member).read()))
+    return samples
+
+
+def assert_round_trip(directory: str, documents: list[str], tokenizer) -> None:
+    stream = token_stream(documents, tokenizer)
+    samples = read_shards_plainly(directory)
+    width = SEQ_LEN + 1
+    num_samples = len(stream) // width
+    assert sorted(samples) == list(range(num_samples))
+    rebuilt = np.concatenate([samples[key] for key in range(num_samples)]).astype(np.int64)
+    np.testing.assert_array_equal(rebuilt, stream[: num_samples * width])
+    # The random-access reader agrees with the plain tar reader, sample by sample.
+    dataset = PreparedDataset(directory, tokenizer, SEQ_LEN)
+    keys, tokens = dataset.read(np.arange(len(dataset)))
+    for key, row in zip(keys, tokens):
+        np.testing.assert_array_equal(row, samples[int(key)])
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    return synthetic_documents(60, 40, seed=1)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "jsonl.gz"])
+def test_round_trip_byte_tokenizer(tmp_path, documents, kind):
+    write_corpus(str(tmp_path / "corpus"), documents, kind)
+    manifest = prepare_dataset([str(tmp_path / "corpus")], str(tmp_path / "out"), "byte", SEQ_LEN,
+                               shard_bytes=10_000, num_workers=1, progress=False)
+    assert len(manifest.shards) > 3  # several shards, so shard boundaries are exercised
+    assert manifest.dtype == "uint16" and manifest.num_documents == len(documents)
+    assert_round_trip(str(tmp_path / "out"), documents, ByteTokenizer())
+
+
+def test_round_trip_parquet_and_zstd(tmp_path, documents):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # Sorted file order: a.parquet (first half), b.jsonl.zst (second half).
+    pq.write_table(pa.table({"body": documents[:30]}), corpus / "a.parquet", row_group_size=7)
+    lines = "".join(json.dumps({"body": d}) + "\n" for d in documents[30:]).encode()
+    (corpus / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    prepare_dataset([str(corpus / "*")], str(tmp_path / "out"), "byte", SEQ_LEN, text_field="body",
+                    num_workers=2, progress=False)
+    assert_round_trip(str(tmp_path / "out"), documents, ByteTokenizer())
+
+
+def test_round_trip_json_tokenizer_with_uint32_ids(tmp_path, documents):
+    """A `tokenizers` JSON file whose vocabulary exceeds 2^16 ids is stored as uint32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1}
+    words = sorted({w for d in documents for w in d.split()})
+    for index, word in enumerate(words):
+        vocab[word] = 70_000 + index  # ids beyond uint16
+    for filler in range(2, 200):
+        vocab[f"filler{filler}"] = filler
+    tokenizer_json = tmp_path / "words.json"
+    word_tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_tokenizer.save(str(tokenizer_json))
+    tokenizer = load_tokenizer(str(tokenizer_json))
+    assert tokenizer.eos_id == 1
+    write_corpus(str(tmp_path / "corpus"), documents, "jsonl")
+    manifest = prepare_dataset([str(tmp_path / "corpus")], str(tmp_path / "out"), str(tokenizer_json),
+                               SEQ_LEN, num_workers=2, progress=False)
+    assert manifest.dtype == "uint32"
+    assert manifest.tokenizer["sha256"] == tokenizer.identity.sha256
+    assert_round_trip(str(tmp_path / "out"), documents, tokenizer)
+
+
+def test_prepare_is_deterministic_and_resumes_after_interrupt(tmp_path, documents, monkeypatch):
+    write_corpus(str(tmp_path / "corpus"), documents, "txt")
+    inputs = [str(tmp_path / "corpus")]
+    clean = prepare_dataset(inputs, str(tmp_path / "clean"), "byte", SEQ_LEN, shard_bytes=10_000,
+                            num_workers=1, progress=False)
+
+    real_write_shard = prepare_module.write_shard
+    written = []
+
+    def failing_write_shard(path, keys, samples, layout):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the user hits Ctrl-C while the third shard is written
+        written.append(path)
+        return real_write_shard(path, keys, samples, layout)
+
+    monkeypatch.setattr(prepare_module, "write_shard", failing_write_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(inputs, str(tmp_path / "out"), "byte", SEQ_LEN, shard_bytes=10_000,
+                        num_workers=1, progress=False)
+    names = os.listdir(tmp_path / "out")
+    assert "manifest.json" not in names and not any(".tmp" in n for n in names)
+    with pytest.raises(ManifestError, match="not a prepared dataset"):
+        PreparedDataset(str(tmp_path / "out"))
+
+    monkeypatch.setattr(prepare_module, "write_shard", real_write_shard)
+    resumed = prepare_dataset(inputs, str(tmp_path / "out"), "byte", SEQ_LEN, shard_bytes=10_000,
+                              num_workers=1, progress=False)
+    assert resumed.fingerprint == clean.fingerprint  # byte-identical shards
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "clean"))
+
+
+def test_empty_inputs_are_errors(tmp_path):
+    with pytest.raises(EmptyInputError, match="matches no file"):
+        prepare_dataset([str(tmp_path / "missing*.txt")], str(tmp_path / "out"), seq_len=8, progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(EmptyInputError, match="contain no text"):
+        prepare_dataset([str(tmp_path / "empty.txt")], str(tmp_path / "out"), seq_len=8,
+                        num_workers=1, progress=False)
+    (tmp_path / "short.txt").write_text("abc")
+    with pytest.raises(EmptyInputError, match="fewer than one sample"):
+        prepare_dataset([str(tmp_path / "short.txt")], str(tmp_path / "out2"), seq_len=8,
+                        num_workers=1, progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(EmptyInputError, match="--text-field"):
+        prepare_dataset([str(tmp_path / "bad.jsonl")], str(tmp_path / "out3"), seq_len=8,
+                        num_workers=1, progress=False)
+
+
+@pytest.fixture()
+def prepared(tmp_path, documents) -> str:
+    write_corpus(str(tmp_path / "corpus"), documents, "jsonl")
+    prepare_dataset([str(tmp_path / "corpus")], str(tmp_path / "out"), "byte", SEQ_LEN,
+                    shard_bytes=10_000, num_workers=1, progress=False)
+    return str(tmp_path / "out")
+
+
+def test_truncated_shard_names_the_file_and_the_fix(prepared):
+    shard = os.path.join(prepared, "shard-000001.tar")
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) - 700)
+    with pytest.raises(ShardError, match=r"shard-000001\.tar has \d+ bytes .*truncated.*prepare the dataset"):
+        PreparedDataset(prepared)
+
+
+def test_missing_and_corrupted_shards(prepared):
+    shard = os.path.join(prepared, "shard-000002.tar")
+    data = bytearray(open(shard, "rb").read())
+    data[SampleLayout(SEQ_LEN, "uint16").member_bytes - 10] ^= 0xFF  # same size, different bytes
+    open(shard, "wb").write(bytes(data))
+    PreparedDataset(prepared)  # the size check passes; only the checksum sees it
+    with pytest.raises(ShardError, match=r"shard-000002\.tar does not match its sha256"):
+        PreparedDataset(prepared, verify_checksums=True)
+    os.remove(shard)
+    with pytest.raises(ShardError, match=r"shard-000002\.tar is missing"):
+        PreparedDataset(prepared)
+
+
+def test_tokenizer_and_seq_len_mismatch(prepared, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    other = tmp_path / "other.json"
+    Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")).save(str(other))
+    with pytest.raises(TokenizerMismatchError, match=r"manifest\.json was tokenized with byte .* uses other\.json"):
+        PreparedDataset(prepared, tokenizer=str(other))
+    with pytest.raises(SeqLenMismatchError, match=rf"seq_len {SEQ_LEN} but the run uses seq_len 64"):
+        PreparedDataset(prepared, tokenizer="byte", seq_len=64)
+    PreparedDataset(prepared, tokenizer="byte", seq_len=SEQ_LEN)
+
+
+def test_edited_manifest_and_existing_output_are_errors(prepared, tmp_path):
+    with pytest.raises(DataError, match="already holds a prepared dataset"):
+        prepare_dataset([str(tmp_path / "corpus")], prepared, "byte", SEQ_LEN, num_workers=1, progress=False)
+    path = os.path.join(prepared, "manifest.json")
+    content = json.load(open(path))
+    content["seq_len"] = 7
+    json.dump(content, open(path, "w"))
+    with pytest.raises(ManifestError, match="edited after prepare"):
+        read_manifest(prepared)
+
+
+def test_byte_tokenizer_round_trip():
+    tokenizer = ByteTokenizer()
+    text = "Titans: ünïcode ✓ memory"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert max(tokenizer.encode(text)) < 256 and tokenizer.vocab_size == 257
+    assert load_tokenizer("byte").identity == tokenizer.identity
