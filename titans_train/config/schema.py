@@ -26,7 +26,8 @@ class DataConfig:
     train_dir: str = ""
     validation_dir: str = ""
     tokenizer: str = "byte"
-    cache_dir: str = ".cache/titans-train"
+    # Where the built-in corpus is prepared. Empty: $TITANS_TRAIN_CACHE or ~/.cache/titans-train.
+    cache_dir: str = ""
     num_workers: int = 0
 
 

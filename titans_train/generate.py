@@ -1,0 +1,144 @@
+"""`titans-train generate --checkpoint DIR --prompt "..."`: continue a prompt from a checkpoint.
+
+The checkpoint carries its resolved config, so the model and tokenizer are rebuilt from it. The
+prompt is read in one forward pass; then tokens are sampled one at a time, each fed back with the
+model state, so the neural memory keeps updating as the text grows (test-time memorisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from titans_train.train.checkpoint import LATEST, MANIFEST, CheckpointManager
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    pass
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint tag directory from: a tag dir, a checkpoints dir (its latest) or a run dir."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file() or root.is_dir():
+            manager = CheckpointManager(root, keep_last=1, rank=0, world_size=1,
+                                        log=lambda message: print(message, file=sys.stderr))
+            for candidate in manager.candidates():
+                if not isinstance(candidate, tuple):
+                    return candidate.path
+                print(f"checkpoint {candidate[0]} is damaged ({candidate[1]}); trying the previous one",
+                      file=sys.stderr)
+    raise CheckpointNotFoundError(f"no complete checkpoint in {path} (expected a directory with {MANIFEST}, "
+                                  f"or a checkpoints directory with `{LATEST}`)")
+
+
+def load_model_state(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The model's weights (fp32 master copy where ZeRO keeps one), without the trainer prefix."""
+    if zero_stage == 0:
+        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    return {name.removeprefix("model."): tensor.float() for name, tensor in state.items()}
+
+
+def load_for_inference(checkpoint_dir: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, resolved config dict, checkpoint path)."""
+    from titans_train.config import config_from_container, model_config
+    from titans_train.data import load_tokenizer
+    from titans_train.model import TitansLM
+
+    checkpoint = find_checkpoint(checkpoint_dir)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    config = config_from_container(manifest["config"])
+    model = TitansLM(model_config(config))
+    missing, unexpected = model.load_state_dict(load_model_state(checkpoint, manifest["zero_stage"]), strict=False)
+    # A tied LM head is stored once, under the embedding's name.
+    missing = [name for name in missing if not (name == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    return model.to(device).eval(), load_tokenizer(config.data.tokenizer), config, checkpoint
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """logits (B, V) -> token ids (B, 1); temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+             seed: int = 0, stop_id: int | None = None, on_token=None) -> list[int]:
+    """Continue `prompt_ids`; the state (memory included) is carried from token to token."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one character")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model(torch.tensor([prompt_ids], device=device))  # (1, T): reads the prompt, memory updating
+    state, logits = out.state, out.logits[:, -1]
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, generator)  # (1, 1)
+        token_id = int(token)
+        if stop_id is not None and token_id == stop_id:
+            break
+        generated.append(token_id)
+        if on_token is not None:
+            on_token(token_id)
+        out = model(token, state=state)
+        state, logits = out.state, out.logits[:, -1]
+    return generated
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run dir, its checkpoints dir (uses `latest`) or one checkpoint dir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50, help="0 for no top-k filtering")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model, tokenizer, _, checkpoint = load_for_inference(args.checkpoint, args.device)
+    except CheckpointNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"[generate] {checkpoint}", file=sys.stderr)
+    prompt_ids = tokenizer.encode(args.prompt)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    # Bytes of one character may arrive in separate tokens: print the decoded text as it grows.
+    generated: list[int] = []
+    printed = 0
+
+    def emit(token_id: int) -> None:
+        nonlocal printed
+        generated.append(token_id)
+        text = tokenizer.decode(generated)
+        safe = text.rstrip("\ufffd")
+        sys.stdout.write(safe[printed:])
+        sys.stdout.flush()
+        printed = len(safe)
+
+    generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+             stop_id=getattr(tokenizer, "eos_id", None), on_token=emit)
+    sys.stdout.write(tokenizer.decode(generated)[printed:] + "\n")
+    return 0
