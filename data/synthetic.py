@@ -44,3 +44,13 @@ def write_corpus(directory: str, documents: list[str], kind: str = "txt") -> lis
     else:
         raise ValueError(f"kind must be txt, jsonl or jsonl.gz, got {kind!r}")
     return [path]
+
+
+def numbered_documents(num_documents: int, numbers_per_document: int, first_number: int = 0) -> list[str]:
+    """Documents of consecutive 7-digit numbers: any 15 consecutive bytes (or byte tokens) hold one
+    whole number, so every sample of seq_len >= 15 is distinct and names its place in the corpus."""
+    documents, number = [], first_number
+    for _ in range(num_documents):
+        documents.append(" ".join(f"{n:07d}" for n in range(number, number + numbers_per_document)))
+        number += numbers_per_document
+    return documents
