@@ -45,3 +45,21 @@ def parallel_loss(model: nn.Module, tokens, context: ParallelContext) -> StepLos
         return token_losses(logits, labels, tensor_parallel_size)
 
     return sequence_parallel_loss(model, tokens, context, loss_fn)
+
+
+class ParallelObjective(nn.Module):
+    """The module DeepSpeed wraps under tp/sp: `forward(tokens) -> StepLoss`.
+
+    Training step: `step = engine(tokens); engine.backward(step.objective); step.relay.finish();
+    engine.step()`; log `step.loss`. DeepSpeed's data-parallel world is dp x sp (the mpu), so its
+    `train_batch_size` is micro_batch x accumulation x dp x sp even though the sp ranks of a
+    replica share their samples.
+    """
+
+    def __init__(self, model: nn.Module, context: ParallelContext):
+        super().__init__()
+        self.model = model
+        self.context = context
+
+    def forward(self, tokens) -> StepLoss:
+        return parallel_loss(self.model, tokens, self.context)

@@ -283,32 +283,38 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, tensor_parallel_siz
     return vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def gather_full_parameters(model: nn.Module, context: ParallelContext) -> dict[str, torch.Tensor]:
-    """Every parameter at its full, unsharded shape (vocabulary padding removed), by path."""
-    return _gather(model, context, grads=False)
-
-
-def gather_full_gradients(model: nn.Module, context: ParallelContext) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient at full shape (zeros where a parameter got none), by path."""
-    return _gather(model, context, grads=True)
-
-
-def _gather(model: nn.Module, context: ParallelContext, grads: bool) -> dict[str, torch.Tensor]:
+def unshard(model: nn.Module, context: ParallelContext,
+            local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full, unsharded tensors from this rank's `local` ones (same paths as the model's
+    parameters, e.g. its gradients): tp shards are all-gathered, vocabulary padding is removed.
+    Collective over the tp group: every rank must call it with the same paths."""
     import torch.distributed as dist
 
+    parameters = dict(model.named_parameters())
     out = {}
-    for path, parameter in model.named_parameters():
-        value = parameter.grad if grads else parameter.detach()
-        if value is None:
-            value = torch.zeros_like(parameter)
+    for path, value in local.items():
+        parameter = parameters[path]
         if getattr(parameter, "tensor_model_parallel", False) and context.tp_size > 1:
             pieces = [torch.empty_like(value) for _ in range(context.tp_size)]
             dist.all_gather(pieces, value.contiguous(), group=context.tp_group)
             value = torch.cat(pieces, dim=parameter.partition_dim)
             if path in ("embedding.weight", "lm_head.weight"):
                 value = value[: model.config.vocab_size]
-        out[path] = value.clone()
+        out[path] = value.detach().clone()
     return out
+
+
+def gather_full_parameters(model: nn.Module, context: ParallelContext) -> dict[str, torch.Tensor]:
+    """Every parameter at its full, unsharded shape, by path."""
+    return unshard(model, context, {path: p.detach() for path, p in model.named_parameters()})
+
+
+def gather_full_gradients(model: nn.Module, context: ParallelContext) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient at full shape (zeros where a parameter got none), by path."""
+    return unshard(model, context, {
+        path: p.grad if p.grad is not None else torch.zeros_like(p)
+        for path, p in model.named_parameters()
+    })
 
 
 __all__ = [
@@ -320,4 +326,5 @@ __all__ = [
     "padded_vocab_size",
     "plan_style",
     "token_losses",
+    "unshard",
 ]
