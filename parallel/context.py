@@ -54,14 +54,26 @@ class ParallelContext:
     gradient_group: Any = None
 
     @classmethod
-    def initialize(cls, tp: int = 1, sp: int = 1) -> ParallelContext:
+    def initialize(cls, tp: int = 1, sp: int = 1, *, model_config=None,
+                   seq_len: int | None = None) -> ParallelContext:
         """Validate (tp, sp) against the world, then build the groups with megatron-core.
 
-        Call after `torch.distributed.init_process_group` (or `deepspeed.init_distributed`); in a
-        single process without it, only tp = sp = 1 is valid and no groups are built.
+        With `model_config` (a TitansConfig) and `seq_len`, the head counts and span lengths are
+        validated too, all before any group is created. Call after
+        `torch.distributed.init_process_group` (or `deepspeed.init_distributed`); in a single
+        process without it, only tp = sp = 1 is valid and no groups are built.
         """
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
+        if model_config is not None:
+            from titans_train.parallel.validation import (
+                validate_sequence_parallel,
+                validate_tensor_parallel,
+            )
+
+            validate_tensor_parallel(model_config, tp)
+            if seq_len is not None:
+                validate_sequence_parallel(model_config, sp, seq_len)
         if not dist.is_initialized():
             return cls(layout=layout, rank=0)
 

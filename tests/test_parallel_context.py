@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
+from titans_train.model import TitansConfig
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
 
@@ -17,6 +18,11 @@ def build_every_layout():
     rank = dist.get_rank()
     with pytest.raises(ParallelConfigError, match="parallel.sp"):
         ParallelContext.initialize(tp=1, sp=3)
+    heads = TitansConfig(variant="lmm", vocab_size=64, dim=24, n_layers=1, n_heads=6, chunk_size=4)
+    with pytest.raises(ParallelConfigError, match="model.n_heads = 6 is not divisible by parallel.tp = 4"):
+        ParallelContext.initialize(tp=4, sp=1, model_config=heads)
+    with pytest.raises(ParallelConfigError, match="model.chunk_size = 4"):
+        ParallelContext.initialize(tp=2, sp=2, model_config=heads, seq_len=12)
     assert not parallel_state.model_parallel_is_initialized()  # rejected before group work
     seen = []
     for tp, sp in LAYOUTS:
