@@ -67,7 +67,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def assert_close_to_oracle(dtype, seq_len, depth, tolerance, seed, **options):
     tensors, weights, momentum = make_inputs(seq_len, depth, torch.float64, seed)
-    expected = run_with_grads(memory_scan_sequential, tensors, weights, momentum, seed + 1, **options)
+    oracle_options = {name: x for name, x in options.items() if name != "implementation"}
+    expected = run_with_grads(memory_scan_sequential, tensors, weights, momentum, seed + 1, **oracle_options)
     cast = lambda xs: tuple(x.to(dtype) for x in xs)  # noqa: E731
     actual = run_with_grads(memory_scan, cast(tensors), cast(weights), cast(momentum), seed + 1, **options)
     assert actual.keys() == expected.keys()
@@ -92,11 +93,15 @@ def test_public_op_is_the_chunked_form():
 
 
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
+# The fused kernel (the default) on the whole grid in both dtypes; the autograd form in fp64.
+VARIANTS = [("fused", torch.float64), ("fused", torch.float32), ("autograd", torch.float64)]
 
 
-@pytest.mark.parametrize("dtype", TOLERANCES, ids=str)
+@pytest.mark.parametrize(
+    "implementation, dtype", VARIANTS, ids=[f"{i}-{str(d).removeprefix('torch.')}" for i, d in VARIANTS]
+)
 @pytest.mark.parametrize("case_index", range(len(GRID)), ids=[grid_id(c) for c in GRID])
-def test_matches_oracle(case_index, dtype):
+def test_matches_oracle(case_index, implementation, dtype):
     """The oracle runs in fp64 on the same values, so an fp32 case measures only our rounding."""
     chunk_size, seq_len, depth, retrieve, residual = GRID[case_index]
     # Both activations get covered across the grid without doubling it.
@@ -104,4 +109,5 @@ def test_matches_oracle(case_index, dtype):
     assert_close_to_oracle(
         dtype, seq_len, depth, TOLERANCES[dtype], seed=case_index,
         chunk_size=chunk_size, retrieve=retrieve, activation=activation, residual=residual,
+        implementation=implementation,
     )

@@ -1,6 +1,6 @@
 """memory_scan: the Titans neural-memory update and retrieval (DESIGN section 3; math in README.md)."""
 
-from .chunked import memory_scan
+from .scan import memory_scan
 from .mlp import memory_mlp
 from .naive import memory_scan_sequential
 

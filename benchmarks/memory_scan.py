@@ -1,0 +1,155 @@
+"""Forward+backward throughput of `memory_scan` against this machine's fp32 matmul peak.
+
+    .venv/bin/python benchmarks/memory_scan.py [--batch 2 --heads 4 --seq-len 2048 --dim 64 ...]
+
+Prints tokens/s (B*T tokens per forward+backward), achieved GFLOP/s from `scan_flops`, that as a
+fraction of the median GFLOP/s of a large fp32 torch.matmul measured in the same process with the
+same thread count, the peak memory of one step, and the speed-up over the token-by-token oracle
+at a small size. Medians of --repeats timed runs after warm-up; the CPU may be shared, so run it
+a few times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+from titans_train.kernels import memory_scan, memory_scan_sequential
+
+
+def scan_flops(
+    batch: int, heads: int, seq_len: int, widths: list[int], chunk_size: int, retrieve: str
+) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward+backward of the chunked algorithm.
+
+    widths: [d, hidden, ..., d], layer l maps widths[l] -> widths[l + 1]. Per (batch, head) and
+    chunk of n tokens, the forward does: the store pass at the chunk-start weights (one product
+    per layer) and the error backpropagation (one per layer but the first); token retrieval per
+    layer: h W^T, h S^T, the (n x n) scores h a^T and scores @ delta; chunk retrieval: one product
+    per layer; the new weights and momentum: two (d_out x n) @ (n x d_in) per layer; and the decay
+    matrix C = D_alpha D_eta (n^3). The backward of a product costs two products, so the total is
+    3x the forward. Elementwise work is not counted.
+    """
+    layers = list(zip(widths[:-1], widths[1:]))
+    total = 0
+    for start in range(0, seq_len, chunk_size):
+        n = min(chunk_size, seq_len - start)
+        forward = sum(2 * n * d_in * d_out for d_in, d_out in layers)  # store pass
+        forward += sum(2 * n * d_in * d_out for d_in, d_out in layers[1:])  # errors
+        if retrieve == "token":
+            forward += sum(4 * n * d_in * d_out + 2 * n * n * (d_in + d_out) for d_in, d_out in layers)
+        else:
+            forward += sum(2 * n * d_in * d_out for d_in, d_out in layers)
+        forward += sum(4 * n * d_in * d_out for d_in, d_out in layers)  # weights and momentum
+        forward += 2 * n**3
+        total += 3 * forward
+    return batch * heads * total
+
+
+def make_inputs(batch, heads, seq_len, dim, widths, requires_grad=True):
+    def leaf(x):
+        return x.requires_grad_(requires_grad)
+
+    q = leaf(torch.nn.functional.normalize(torch.randn(batch, heads, seq_len, dim), dim=-1))
+    k = leaf(torch.nn.functional.normalize(torch.randn(batch, heads, seq_len, dim), dim=-1))
+    v = leaf(torch.randn(batch, heads, seq_len, dim))
+    theta = leaf(0.1 * torch.rand(batch, heads, seq_len))
+    eta = leaf(torch.rand(batch, heads, seq_len))
+    alpha = leaf(0.1 * torch.rand(batch, heads, seq_len))
+    weights = tuple(
+        leaf(torch.randn(batch, heads, d_out, d_in) / d_in**0.5) for d_in, d_out in zip(widths[:-1], widths[1:])
+    )
+    momentum = tuple(leaf(torch.zeros_like(w)) for w in weights)
+    return (q, k, v, theta, eta, alpha, weights, momentum)
+
+
+def forward_backward(scan, inputs, options):
+    y, (weights_out, momentum_out) = scan(*inputs, **options)
+    loss = y.square().sum() + sum(w.square().sum() for w in weights_out) + sum(s.sum() for s in momentum_out)
+    loss.backward()
+
+
+def median_seconds(step, repeats, warmup):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(size=2048, repeats=10):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats, warmup=2) / 1e9
+
+
+def max_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--expansion", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--retrieve", choices=("token", "chunk"), default="token")
+    parser.add_argument("--activation", choices=("silu", "gelu"), default="silu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--oracle-seq-len", type=int, default=128, help="T of the oracle comparison")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    widths = [args.dim] + [args.dim * args.expansion] * (args.depth - 1) + [args.dim]
+    options = dict(
+        chunk_size=args.chunk_size, retrieve=args.retrieve, activation=args.activation, residual=True
+    )
+
+    inputs = make_inputs(args.batch, args.heads, args.seq_len, args.dim, widths)
+    # Peak memory first: ru_maxrss is a high-water mark, so the step must run before anything larger.
+    rss_before = max_rss_mib()
+    forward_backward(memory_scan, inputs, options)
+    step_peak_mib = max_rss_mib() - rss_before
+
+    seconds = median_seconds(lambda: forward_backward(memory_scan, inputs, options), args.repeats, args.warmup)
+    flops = scan_flops(args.batch, args.heads, args.seq_len, widths, args.chunk_size, args.retrieve)
+    achieved = flops / seconds / 1e9
+    peak = matmul_peak_gflops()
+
+    small = make_inputs(args.batch, args.heads, args.oracle_seq_len, args.dim, widths)
+    small_options = dict(options, chunk_size=min(args.chunk_size, args.oracle_seq_len))
+    oracle_seconds = median_seconds(lambda: forward_backward(memory_scan_sequential, small, small_options), 3, 1)
+    chunked_seconds = median_seconds(lambda: forward_backward(memory_scan, small, small_options), 5, 1)
+
+    tokens = args.batch * args.seq_len
+    print(
+        f"memory_scan fwd+bwd  B={args.batch} H={args.heads} T={args.seq_len} d={args.dim} "
+        f"depth={args.depth} hidden={widths[1] if args.depth > 1 else args.dim} "
+        f"chunk={args.chunk_size} retrieve={args.retrieve} threads={torch.get_num_threads()}"
+    )
+    print(f"  time per step       {seconds * 1e3:9.1f} ms (median of {args.repeats})")
+    print(f"  tokens/s            {tokens / seconds:9.0f}")
+    print(f"  analytic GFLOP      {flops / 1e9:9.2f}")
+    print(f"  achieved GFLOP/s    {achieved:9.1f}")
+    print(f"  matmul peak GFLOP/s {peak:9.1f} (2048^3 fp32 torch.matmul, median)")
+    print(f"  fraction of peak    {achieved / peak:9.1%}")
+    print(f"  step peak memory    {step_peak_mib:9.1f} MiB (ru_maxrss delta over the first step)")
+    print(
+        f"  oracle T={args.oracle_seq_len}: {oracle_seconds * 1e3:.1f} ms, chunked {chunked_seconds * 1e3:.1f} ms, "
+        f"speed-up {oracle_seconds / chunked_seconds:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

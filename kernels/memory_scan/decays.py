@@ -1,0 +1,77 @@
+"""Gate products of the chunked scan: everything that does not depend on the memory weights.
+
+Computed for all chunks at once, in log space with a stable segment sum (README.md here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def segment_sum(log_values: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n, n) with out[t, j] = sum_{l=j+1..t} x_l for j <= t and -inf above the diagonal.
+
+    Summed over a masked repeated matrix (as Mamba-2's `segsum`), never as a difference of two
+    cumulative sums: a -inf term (a gate saturated to 0) stays -inf instead of giving inf - inf.
+    """
+    n = log_values.shape[-1]
+    ones = torch.ones(n, n, dtype=torch.bool, device=log_values.device)
+    repeated = log_values.unsqueeze(-1).expand(*log_values.shape, n)  # (..., l, j) = x_l
+    sums = repeated.masked_fill(~ones.tril(-1), 0).cumsum(dim=-2)  # keeps x_l for l > j
+    return sums.masked_fill(ones.triu(1), -math.inf)
+
+
+def log_gate(gate: torch.Tensor) -> torch.Tensor:
+    """log(gate), floored at the dtype's smallest normal number.
+
+    A gate saturated to exactly 0 then decays by ~1e-38 (fp32) instead of exactly 0, and its
+    gradient is 0 instead of 0 * inf = NaN. A sigmoid gate has zero slope there anyway.
+    """
+    return torch.log(gate.clamp_min(torch.finfo(gate.dtype).tiny))
+
+
+class ChunkDecays(NamedTuple):
+    """Gate products of every chunk, (B, H, n_chunks, n[, n]); tokens t, i indexed within the chunk."""
+
+    weight_decay: torch.Tensor  # A_t = prod_{l<=t} (1 - alpha_l)
+    momentum_carry: torch.Tensor  # E_t = sum_{j<=t} D_alpha[t, j] P_j: weight of S^c in W_t
+    update_scores: torch.Tensor  # C[t, i] theta_i: weight of u_i in W_t (lower-triangular)
+    momentum_scores: torch.Tensor  # D_eta[t, i] theta_i: weight of u_i in S_t (lower-triangular)
+    momentum_decay: torch.Tensor  # P_t = prod_{m<=t} eta_m
+
+
+def chunk_decays(
+    theta: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, chunk_size: int
+) -> ChunkDecays:
+    """All W-independent gate math, for all chunks at once. Gates (B, H, T).
+
+    The sequence is padded to whole chunks with inert gates (theta 0, eta 1, alpha 0); decays are
+    causal, so the padding never reaches a real token.
+    """
+    batch, heads, seq_len = theta.shape
+    n_chunks = -(-seq_len // chunk_size)
+    pad = n_chunks * chunk_size - seq_len
+
+    def chunked(x: torch.Tensor, fill: float) -> torch.Tensor:
+        return F.pad(x, (0, pad), value=fill).view(batch, heads, n_chunks, chunk_size)
+
+    # A leading 0 in log space stands for the chunk start: column 0 of the segment sums is then the
+    # prefix product from the chunk start.
+    log_keep = F.pad(chunked(log_gate(1 - alpha), 0.0), (1, 0))  # (B, H, nc, n + 1)
+    log_eta = F.pad(chunked(log_gate(eta), 0.0), (1, 0))
+    decay_alpha = segment_sum(log_keep).exp()  # (B, H, nc, n + 1, n + 1)
+    decay_eta = segment_sum(log_eta).exp()
+    weight_decay = decay_alpha[..., 1:, 0]
+    momentum_decay = decay_eta[..., 1:, 0]
+    decay_alpha = decay_alpha[..., 1:, 1:]  # D_alpha[t, j] = prod_{l=j+1..t} (1 - alpha_l)
+    decay_eta = decay_eta[..., 1:, 1:]  # D_eta[j, i] = prod_{m=i+1..j} eta_m
+    theta_chunks = chunked(theta, 0.0).unsqueeze(-2)  # (B, H, nc, 1, n)
+    momentum_carry = (decay_alpha @ momentum_decay.unsqueeze(-1)).squeeze(-1)
+    update_scores = (decay_alpha @ decay_eta) * theta_chunks
+    return ChunkDecays(
+        weight_decay, momentum_carry, update_scores, decay_eta * theta_chunks, momentum_decay
+    )

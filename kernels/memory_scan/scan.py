@@ -1,0 +1,106 @@
+"""The public `memory_scan`: checks its inputs, picks the compute dtype, runs a kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import chunked_scan
+from .fused import fused_scan
+from .mlp import ACTIVATIONS
+
+RETRIEVE_MODES = ("token", "chunk")
+IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan}
+
+
+def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if retrieve not in RETRIEVE_MODES:
+        raise ValueError(f"retrieve must be one of {RETRIEVE_MODES}, got {retrieve!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {tuple(IMPLEMENTATIONS)}, got {implementation!r}")
+    tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
+    if any(not isinstance(x, torch.Tensor) for x in tensors):
+        raise ValueError("q, k, v, theta, eta, alpha and every weights/momentum entry must be tensors")
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, H, T, d), got {tuple(q.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+    for name, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name} must have shape (B, H, T) = {tuple(q.shape[:3])}, got {tuple(x.shape)}")
+    if len(weights) < 1:
+        raise ValueError("weights must hold at least one layer (memory depth >= 1)")
+    if len(momentum) != len(weights):
+        raise ValueError(
+            f"momentum must have one tensor per layer: got {len(weights)} weights and {len(momentum)} momentum"
+        )
+    batch, heads, _, dim = q.shape
+    in_features = dim
+    for layer, (weight, mom) in enumerate(zip(weights, momentum)):
+        if weight.dim() != 4 or weight.shape[:2] != (batch, heads) or weight.shape[3] != in_features:
+            raise ValueError(
+                f"weights[{layer}] must have shape (B, H, d_out, d_in) = ({batch}, {heads}, *, {in_features}), "
+                f"got {tuple(weight.shape)}"
+            )
+        if mom.shape != weight.shape:
+            raise ValueError(
+                f"momentum[{layer}] must have the shape of weights[{layer}] {tuple(weight.shape)}, "
+                f"got {tuple(mom.shape)}"
+            )
+        in_features = weight.shape[2]
+    if in_features != dim:
+        raise ValueError(f"the last layer must map back to d = {dim}, but weights[-1] has d_out = {in_features}")
+    if any(not x.is_floating_point() for x in tensors):
+        raise ValueError("memory_scan needs floating-point inputs (fp32, fp64, bf16 or fp16)")
+    if len({x.device for x in tensors}) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
+
+
+def memory_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    momentum: tuple[torch.Tensor, ...],
+    *,
+    chunk_size: int,
+    retrieve: str = "token",
+    activation: str = "silu",
+    residual: bool = True,
+    implementation: str = "fused",
+) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """Titans neural memory over a sequence: update chunk by chunk, retrieve per token (DESIGN section 3).
+
+    q, k, v: (B, H, T, d); theta, eta, alpha: (B, H, T) (inner learning rate, momentum, forgetting);
+    weights, momentum: L_M >= 1 tensors (B, H, d_out, d_in), the state at the start of the sequence.
+    Returns y (B, H, T, d) and the state after the last token (weights, momentum). The last chunk
+    may be short and updates like any other.
+
+    Half-precision inputs are computed in fp32 (fp64 if any input is fp64); y comes back in q's
+    dtype and each state tensor in its input's dtype. `implementation`: "fused" (default, a
+    hand-written backward, first-order gradients) or "autograd" (the same closed form through
+    autograd: slower, but differentiable to any order).
+    """
+    weights, momentum = tuple(weights), tuple(momentum)
+    _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation)
+    if q.shape[2] == 0:
+        return q.clone(), (weights, momentum)
+    tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
+    compute_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+    y, weights_out, momentum_out = IMPLEMENTATIONS[implementation](
+        *(x.to(compute_dtype) for x in (q, k, v, theta, eta, alpha)),
+        [w.to(compute_dtype) for w in weights],
+        [s.to(compute_dtype) for s in momentum],
+        chunk_size, retrieve, activation, residual,
+    )
+    return y.to(q.dtype), (
+        tuple(w.to(ref.dtype) for w, ref in zip(weights_out, weights)),
+        tuple(s.to(ref.dtype) for s, ref in zip(momentum_out, momentum)),
+    )
