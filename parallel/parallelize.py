@@ -34,7 +34,8 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
     return apply_tensor_parallel(model, context)
 
 
-def parallel_loss(model: nn.Module, tokens, context: ParallelContext) -> StepLoss:
+def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
+                  activation_checkpointing: bool = False) -> StepLoss:
     """Loss of this replica's micro-batch `tokens` (B, T+1) under any (tp, sp) layout."""
     tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
     if tensor_parallel_size != context.tp_size:
@@ -44,7 +45,7 @@ def parallel_loss(model: nn.Module, tokens, context: ParallelContext) -> StepLos
     def loss_fn(logits, labels):
         return token_losses(logits, labels, tensor_parallel_size)
 
-    return sequence_parallel_loss(model, tokens, context, loss_fn)
+    return sequence_parallel_loss(model, tokens, context, loss_fn, activation_checkpointing)
 
 
 class ParallelObjective(nn.Module):
@@ -56,10 +57,12 @@ class ParallelObjective(nn.Module):
     replica share their samples.
     """
 
-    def __init__(self, model: nn.Module, context: ParallelContext):
+    def __init__(self, model: nn.Module, context: ParallelContext,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.model = model
         self.context = context
+        self.activation_checkpointing = activation_checkpointing
 
     def forward(self, tokens) -> StepLoss:
-        return parallel_loss(self.model, tokens, self.context)
+        return parallel_loss(self.model, tokens, self.context, self.activation_checkpointing)

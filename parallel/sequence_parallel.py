@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
@@ -48,10 +49,13 @@ def span_bounds(seq_len: int, context: ParallelContext) -> tuple[int, int]:
 
 
 def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRelay,
-                 anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 anchor: torch.Tensor, activation_checkpointing: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of this rank's span (B, S, V_local), and the sum of the relay zeros (0-dim).
 
-    `input_ids` (B, S) are the span's tokens, starting at absolute `position`.
+    `input_ids` (B, S) are the span's tokens, starting at absolute `position`. With activation
+    checkpointing each layer's activations are recomputed in backward; the receive and send sit
+    outside the recomputed region, so recomputation never communicates again.
     """
     batch = input_ids.shape[0]
     hidden = model.embed_tokens(input_ids)  # (B, S, D)
@@ -69,14 +73,17 @@ def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRela
             for tensor in initial.values():
                 if tensor.requires_grad:
                     relay_zeros = relay_zeros + tensor.sum() * 0
-        hidden, outgoing = layer(hidden, incoming, position)
+        if activation_checkpointing and torch.is_grad_enabled():
+            hidden, outgoing = checkpoint(layer, hidden, incoming, position, use_reentrant=False)
+        else:
+            hidden, outgoing = layer(hidden, incoming, position)
         if relay.next_rank is not None:
             relay_zeros = relay_zeros + relay.send(outgoing, anchor)
     return model.final_logits(hidden), relay_zeros
 
 
 def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext,
-                           token_loss_fn) -> StepLoss:
+                           token_loss_fn, activation_checkpointing: bool = False) -> StepLoss:
     """Forward of this rank's span of `tokens` (B, T+1): inputs tokens[:, :-1], labels [:, 1:].
 
     `token_loss_fn(logits, labels) -> (B, S)` per-token losses (vocab-parallel under tp).
@@ -88,7 +95,8 @@ def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext
     relay = StateRelay(context.sp_previous_rank, context.sp_next_rank)
     parameter = next(model.parameters())
     anchor = torch.zeros((), dtype=parameter.dtype, device=parameter.device, requires_grad=True)
-    logits, relay_zeros = forward_span(model, inputs[:, start:stop], start, relay, anchor)
+    logits, relay_zeros = forward_span(model, inputs[:, start:stop], start, relay, anchor,
+                                       activation_checkpointing)
     span_loss_sum = token_loss_fn(logits, labels[:, start:stop]).float().sum()
     objective = span_loss_sum * (context.sp_size / (batch * seq_len)) + relay_zeros
     total = span_loss_sum.detach().clone()

@@ -58,9 +58,9 @@ def reference_loss(model: TitansLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def check_plain_layouts(layouts):
-    """tp/sp layouts with the gradients averaged by `average_gradients` (no DeepSpeed)."""
+    """(tp, sp, activation checkpointing) layouts, gradients averaged by `average_gradients`."""
     records = []
-    for tp, sp in layouts:
+    for tp, sp, activation_checkpointing in layouts:
         context = ParallelContext.initialize(tp=tp, sp=sp)
         for variant in VARIANTS:
             torch.manual_seed(0)
@@ -72,12 +72,14 @@ def check_plain_layouts(layouts):
             expected_grads = {name: p.grad for name, p in reference.named_parameters()}
 
             parallelize(model, None, context)
-            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], context)
+            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], context,
+                                 activation_checkpointing)
             step.objective.backward()
             step.relay.finish()
             average_gradients(model, context)
             grad_error, grad_name = worst(gather_full_gradients(model, context), expected_grads)
-            records.append(dict(layout=f"tp={tp} sp={sp} dp={context.layout.dp}", variant=variant,
+            layout = f"tp={tp} sp={sp} dp={context.layout.dp}" + " ckpt" * activation_checkpointing
+            records.append(dict(layout=layout, variant=variant,
                                 loss_error=relative_error(step.loss, expected_loss.detach()),
                                 grad_error=grad_error, grad_name=grad_name))
     ParallelContext.destroy()
@@ -99,14 +101,14 @@ def _optimizer(parameters):
     return torch.optim.AdamW(parameters, lr=1e-2, eps=1e-3, weight_decay=0.1, foreach=False)
 
 
-def build_engine(model, context, stage):
+def build_engine(model, context, stage, accumulation=1):
     deepspeed = _deepspeed()
     objective = ParallelObjective(model, context)
     replicas = context.layout.dp * context.layout.sp  # DeepSpeed's data-parallel world (mpu)
     config = {
-        "train_batch_size": MICRO_BATCH * replicas,
+        "train_batch_size": MICRO_BATCH * accumulation * replicas,
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": CLIP,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
@@ -120,11 +122,13 @@ def build_engine(model, context, stage):
 
 
 def check_zero_layouts(layouts, steps=3):
-    """(tp, sp, ZeRO stage): losses and gradients of every step, parameters after the last."""
+    """(tp, sp, ZeRO stage, gradient accumulation): the loss of every optimizer step, the
+    gradients of the first (later ones are taken at parameters that already differ by round-off
+    amplified through Adam) and the parameters after the last."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     records = []
-    for tp, sp, stage in layouts:
+    for tp, sp, stage, accumulation in layouts:
         context = ParallelContext.initialize(tp=tp, sp=sp)
         for variant in VARIANTS:
             torch.manual_seed(0)
@@ -132,11 +136,11 @@ def check_zero_layouts(layouts, steps=3):
             reference = copy.deepcopy(model)
             reference_optimizer = _optimizer(reference.parameters())
             parallelize(model, None, context)
-            engine = build_engine(model, context, stage)
-            loss_error = grad_error = 0.0
-            grad_name = ""
+            engine = build_engine(model, context, stage, accumulation)
+            loss_error = 0.0
             for step_index in range(steps):
-                tokens = global_batch(seed=100 + step_index, samples=MICRO_BATCH * context.layout.dp)
+                samples = MICRO_BATCH * accumulation * context.layout.dp
+                tokens = global_batch(seed=100 + step_index, samples=samples)
                 reference_optimizer.zero_grad()
                 expected_loss = reference_loss(reference, tokens)
                 expected_loss.backward()
@@ -144,20 +148,27 @@ def check_zero_layouts(layouts, steps=3):
                 torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
                 reference_optimizer.step()
 
-                step = engine(tokens.chunk(context.layout.dp)[context.data_rank])
-                engine.backward(step.objective)
-                step.relay.finish()
-                local_grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
-                error, name = worst(unshard(model, context, local_grads), expected_grads)
-                if error > grad_error:
-                    grad_error, grad_name = error, f"step {step_index}: {name}"
-                loss_error = max(loss_error, relative_error(step.loss, expected_loss.detach()))
-                engine.step()
-            local_params = {name: safe_get_full_fp32_param(p) for name, p in model.named_parameters()}
+                micro_losses = []
+                replica_tokens = tokens.chunk(context.layout.dp)[context.data_rank]
+                for micro_index, micro_tokens in enumerate(replica_tokens.chunk(accumulation)):
+                    step = engine(micro_tokens)
+                    engine.backward(step.objective)
+                    step.relay.finish()
+                    micro_losses.append(step.loss)
+                    if step_index == 0 and micro_index == accumulation - 1:
+                        # Gradients compared where both runs stand at the same parameters.
+                        local_grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
+                        grad_error, grad_name = worst(unshard(model, context, local_grads), expected_grads)
+                    engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+                mean_loss = torch.stack(micro_losses).mean()  # equal token counts per micro-batch
+                loss_error = max(loss_error, relative_error(mean_loss, expected_loss.detach()))
+            local_params = {name: safe_get_full_fp32_param(p) if stage else p.detach()
+                            for name, p in model.named_parameters()}
             param_error, param_name = worst(
                 unshard(model, context, local_params),
                 {name: p.detach() for name, p in reference.named_parameters()})
-            records.append(dict(layout=f"tp={tp} sp={sp} dp={context.layout.dp} zero={stage}",
+            layout = f"tp={tp} sp={sp} dp={context.layout.dp} zero={stage} accumulation={accumulation}"
+            records.append(dict(layout=layout,
                                 variant=variant, loss_error=loss_error, grad_error=grad_error,
                                 grad_name=grad_name, param_error=param_error, param_name=param_name))
             engine.destroy()
@@ -206,25 +217,26 @@ def assert_records(records):
 
 
 @pytest.mark.slow
-def test_tp2_and_sp2_match_one_process_for_every_variant():
+def test_tp2_sp2_and_sp2_with_activation_checkpointing_match_one_process_for_every_variant():
     records = run_distributed(check_plain_layouts, world_size=2, timeout_s=150,
-                              layouts=[(2, 1), (1, 2)])[0]
-    assert len(records) == 2 * len(VARIANTS)
+                              layouts=[(2, 1, False), (1, 2, False), (1, 2, True)])[0]
+    assert len(records) == 3 * len(VARIANTS)
     assert_records(records)
 
 
 @pytest.mark.slow
 def test_sp4_and_tp2_sp2_match_one_process_for_every_variant():
     records = run_distributed(check_plain_layouts, world_size=4, timeout_s=200,
-                              layouts=[(1, 4), (2, 2)])[0]
+                              layouts=[(1, 4, False), (2, 2, False)])[0]
     assert len(records) == 2 * len(VARIANTS)
     assert_records(records)
 
 
 @pytest.mark.slow
 def test_zero1_sp2_dp2_and_zero3_tp2_dp2_match_one_process_over_three_steps():
+    # ZeRO-1 with 2 accumulated micro-batches per optimizer step
     records = run_distributed(check_zero_layouts, world_size=4, timeout_s=240,
-                              layouts=[(1, 2, 1), (2, 1, 3)])[0]
+                              layouts=[(1, 2, 1, 2), (2, 1, 3, 1)])[0]
     assert len(records) == 2 * len(VARIANTS)
     assert_records(records)
 
