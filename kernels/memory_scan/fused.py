@@ -1,10 +1,14 @@
 """The chunk loop as one autograd.Function with a hand-written backward (math: README.md here).
 
-Same closed form as `chunked.py`, arranged for speed: each layer's weights and momentum are kept
-stacked as one (G, 2, d_out, d_in) state, so h W^T and h S^T are one product and the update of
-both is one product; the forward saves every intermediate the backward needs (no recomputation);
-the backward walks the chunks in reverse, carrying the gradient of the state. First-order only:
-the backward is not itself differentiable (`chunked.chunked_scan` is, through autograd).
+Same closed form as `chunked.py`, arranged for speed on CPU, where every extra pass over a tensor
+costs about as much as a small matmul:
+- each layer's weights and momentum live in one state tensor (G, d_out, 2, d_in), so that
+  [A h, E h] @ [W | S]^T gives A h W^T + E h S^T in one product and delta^T [u a, m a] updates
+  both in one product;
+- matmul results accumulate in place (baddbmm), activations and their derivatives use the fused
+  aten backward ops, the forward saves every intermediate the backward needs;
+- the backward walks the chunks in reverse, carrying the gradient of the state.
+First-order only: the backward is not itself differentiable (`chunked.chunked_scan` is).
 """
 
 from __future__ import annotations
@@ -12,93 +16,112 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .activations import activation_second_derivative, activation_with_derivative
+from .activations import activation_second_derivative
 from .decays import chunk_decays
 
 
 class ChunkGates(NamedTuple):
-    """One chunk's gate products, G = B * H groups, n tokens (see `chunked.ChunkDecays`)."""
+    """One chunk's gate products, G = B * H groups, n tokens (see `decays.ChunkDecays`)."""
 
     retrieval_decays: torch.Tensor  # (G, n, 2): [A_t, E_t], weights of W^c and S^c in W_t
     update_scores: torch.Tensor  # (G, n, n): C[t, i] theta_i
     state_decays: torch.Tensor  # (G, 3): [A_n, E_n, P_n]
-    state_rows: torch.Tensor  # (G, 2, n): [C[n, i] theta_i, D_eta[n, i] theta_i]
+    state_rows: torch.Tensor  # (G, n, 2): [C[n, i] theta_i, D_eta[n, i] theta_i]
 
 
 class SavedChunk(NamedTuple):
-    """What the backward of one chunk reads, per layer l (lists) unless noted."""
+    """What the backward of one chunk reads; lists hold one entry per layer l."""
 
-    states: list  # (G, 2, d_out, d_in): the chunk-start weights and momentum
+    states: list  # (G, d_out, 2, d_in): the chunk-start weights and momentum
     layer_inputs: list  # (G, n, d_in): a_{l-1} of the store pass, a_0 = k
     pre_activations: list  # (G, n, width): z_l of the hidden layers
-    derivatives: list  # act'(z_l)
     carried: list  # (G, n, width): delta_{l+1} W_{l+1}, so delta_l = carried * act'(z_l)
     errors: list  # (G, n, d_out): delta_l
     retrieval_inputs: list  # (G, n, d_in): h_{l-1} of the retrieval pass, h_0 = q
-    projections: list  # (G, n, 2 * d_out): [h W^T | h S^T] (token retrieval)
+    scaled_inputs: list  # (G, n, 2 d_in): [A h, E h] (token retrieval)
     grams: list  # (G, n, n): h a^T (token retrieval)
-    retrieval_derivatives: list  # act'(r_l) of the hidden retrieval layers
+    scores: list  # (G, n, n): C theta * h a^T (token retrieval)
+    update_inputs: list  # (G, n, 2 d_in): [C_n theta a, D_eta,n theta a], the state update's inputs
+    retrieval_pre_activations: list  # (G, n, width): r_l of the hidden retrieval layers
+
+
+def _activate(x, activation):
+    return F.silu(x) if activation == "silu" else F.gelu(x)
+
+
+def _activation_backward(grad, x, activation):
+    """grad * act'(x) in one fused op."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    return torch.ops.aten.gelu_backward(grad, x, approximate="none")
+
+
+def _minus_bmm(a, b):
+    """-(a @ b) in one op (beta=0 ignores the uninitialised input)."""
+    return torch.baddbmm(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0, alpha=-1)
 
 
 def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, token_retrieval):
-    """states: L tensors (G, 2, d_out, d_in); q, k, v: (G, n, d). Returns y, next states, saved."""
+    """states: L tensors (G, d_out, 2, d_in); q, k, v: (G, n, d). Returns y, next states, saved."""
     depth = len(states)
-    layer_inputs, pre_activations, derivatives = [k], [], []
+    groups, n, _ = q.shape
+    layer_inputs, pre_activations = [k], []
     hidden = k
     for layer, state in enumerate(states):
-        hidden = hidden @ state[:, 0].mT
+        hidden = hidden @ state[:, :, 0].mT
         if layer < depth - 1:
             pre_activations.append(hidden)
-            hidden, derivative = activation_with_derivative(hidden, activation)
-            derivatives.append(derivative)
+            hidden = _activate(hidden, activation)
             layer_inputs.append(hidden)
-    error = (hidden + k if residual else hidden) - v
+    if residual:
+        hidden += k
+    error = hidden.sub_(v)  # the last layer's output is not needed again
     errors, carried = [error], []
     for layer in range(depth - 2, -1, -1):
-        carry = error @ states[layer + 1][:, 0]
-        error = carry * derivatives[layer]
+        carry = error @ states[layer + 1][:, :, 0]
+        error = _activation_backward(carry, pre_activations[layer], activation)
         carried.append(carry)
         errors.append(error)
     errors.reverse()
     carried.reverse()
 
-    retrieval_inputs, projections, grams, retrieval_derivatives = [], [], [], []
+    retrieval_inputs, scaled_inputs, grams, scores, retrieval_pre_activations = [], [], [], [], []
     hidden = q
     for layer, state in enumerate(states):
+        _, d_out, _, d_in = state.shape
         retrieval_inputs.append(hidden)
-        groups, _, d_out, d_in = state.shape
         if token_retrieval:
-            projection = hidden @ state.view(groups, 2 * d_out, d_in).mT  # (G, n, 2 d_out)
+            scaled = (gates.retrieval_decays.unsqueeze(-1) * hidden.unsqueeze(-2)).view(groups, n, 2 * d_in)
             gram = hidden @ layer_inputs[layer].mT  # (G, n, n)
-            mixed = (projection.unflatten(-1, (2, d_out)) * gates.retrieval_decays.unsqueeze(-1)).sum(-2)
-            hidden = torch.baddbmm(mixed, gates.update_scores * gram, errors[layer], alpha=-1)
-            projections.append(projection)
+            score = gates.update_scores * gram
+            hidden = (scaled @ state.view(groups, d_out, 2 * d_in).mT).baddbmm_(score, errors[layer], alpha=-1)
+            scaled_inputs.append(scaled)
             grams.append(gram)
+            scores.append(score)
         else:
-            hidden = hidden @ state[:, 0].mT
+            hidden = hidden @ state[:, :, 0].mT
         if layer < depth - 1:
-            hidden, derivative = activation_with_derivative(hidden, activation)
-            retrieval_derivatives.append(derivative)
+            retrieval_pre_activations.append(hidden)
+            hidden = _activate(hidden, activation)
     y = hidden + q if residual else hidden
 
-    next_states = []
-    decay_weight, carry_momentum, decay_momentum = (
-        gates.state_decays[:, i, None, None] for i in range(3)
-    )  # (G, 1, 1)
+    next_states, all_update_inputs = [], []
+    keep = gates.state_decays[:, None, 0::2, None]  # (G, 1, 2, 1): [A_n, P_n]
+    carry_momentum = gates.state_decays[:, 1, None, None]  # (G, 1, 1): E_n
     for layer, state in enumerate(states):
-        groups, _, d_out, d_in = state.shape
-        scaled_inputs = gates.state_rows.unsqueeze(-1) * layer_inputs[layer].unsqueeze(1)  # (G, 2, n, d_in)
-        update = errors[layer].mT.unsqueeze(1) @ scaled_inputs  # (G, 2, d_out, d_in)
-        weight, momentum = state.unbind(1)
-        next_state = torch.stack(
-            (decay_weight * weight + carry_momentum * momentum, decay_momentum * momentum), dim=1
-        )
-        next_states.append(next_state - update)
+        _, d_out, _, d_in = state.shape
+        update_inputs = (gates.state_rows.unsqueeze(-1) * layer_inputs[layer].unsqueeze(-2)).view(groups, n, 2 * d_in)
+        next_state = state * keep
+        next_state[:, :, 0].addcmul_(state[:, :, 1], carry_momentum)
+        next_state.view(groups, d_out, 2 * d_in).baddbmm_(errors[layer].mT, update_inputs, alpha=-1)
+        next_states.append(next_state)
+        all_update_inputs.append(update_inputs)
     saved = SavedChunk(
-        list(states), layer_inputs, pre_activations, derivatives, carried, errors,
-        retrieval_inputs, projections, grams, retrieval_derivatives,
+        list(states), layer_inputs, pre_activations, carried, errors,
+        retrieval_inputs, scaled_inputs, grams, scores, all_update_inputs, retrieval_pre_activations,
     )
     return y, next_states, saved
 
@@ -107,76 +130,76 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
     """Gradients of one chunk's inputs from those of its outputs (y and the next states)."""
     states = saved.states
     depth = len(states)
+    groups, n, _ = grad_y.shape
     grad_states, grad_errors, grad_inputs = [], [], []
-    grad_state_decays = grad_y.new_zeros(grad_y.shape[0], 2, 2)
+    grad_state_decays = grad_y.new_zeros(groups, 2, 2)
     grad_state_rows = torch.zeros_like(gates.state_rows)
-    # The state update: next = [[A_n, E_n], [0, P_n]] [W; S] - delta^T [C_n theta * a; D_eta,n theta * a].
+    keep = gates.state_decays[:, None, 0::2, None]
+    carry_momentum = gates.state_decays[:, 1, None, None]
+    # The state update: next = [A_n W + E_n S, P_n S] - delta^T [C_n theta a, D_eta,n theta a].
     for layer, (state, grad) in enumerate(zip(states, grad_next)):
-        groups, _, d_out, d_in = state.shape
-        decay_weight, carry_momentum, decay_momentum = (gates.state_decays[:, i, None, None] for i in range(3))
-        grad_weight, grad_momentum = grad.unbind(1)
-        grad_states.append(
-            torch.stack((decay_weight * grad_weight, carry_momentum * grad_weight + decay_momentum * grad_momentum), 1)
-        )
-        # [<gW', W>, <gW', S>], [<gS', W>, <gS', S>]
-        grad_state_decays += grad.flatten(2) @ state.flatten(2).mT
+        _, d_out, _, d_in = state.shape
+        grad_state = grad * keep
+        grad_state[:, :, 1].addcmul_(grad[:, :, 0], carry_momentum)
+        grad_states.append(grad_state)
+        # <grad_a, state_b> for a, b in {W, S}: (2 x d_in) @ (d_in x 2) per output row, summed.
+        grad_state_decays += (grad.view(-1, 2, d_in) @ state.view(-1, 2, d_in).mT).view(groups, d_out, 2, 2).sum(1)
+        grad_flat = grad.view(groups, d_out, 2 * d_in)
         layer_input = saved.layer_inputs[layer]
-        input_grads = (layer_input @ grad.view(groups, 2 * d_out, d_in).mT).unflatten(-1, (2, d_out))
-        grad_errors.append(-(input_grads * gates.state_rows.mT.unsqueeze(-1)).sum(-2))  # (G, n, d_out)
-        error_grads = saved.errors[layer].unsqueeze(1) @ grad  # (G, 2, n, d_in)
-        grad_inputs.append(-(error_grads * gates.state_rows.unsqueeze(-1)).sum(1))
-        grad_state_rows -= (error_grads * layer_input.unsqueeze(1)).sum(-1)
+        grad_errors.append(_minus_bmm(saved.update_inputs[layer], grad_flat.mT))  # (G, n, d_out)
+        grad_update_inputs = _minus_bmm(saved.errors[layer], grad_flat).view(groups, n, 2, d_in)
+        grad_inputs.append((grad_update_inputs * gates.state_rows.unsqueeze(-1)).sum(-2))
+        grad_state_rows += (grad_update_inputs * layer_input.unsqueeze(-2)).sum(-1)
 
     grad_retrieval_decays = torch.zeros_like(gates.retrieval_decays)
     grad_update_scores = torch.zeros_like(gates.update_scores)
     grad_hidden = grad_y
     for layer in range(depth - 1, -1, -1):
         state = states[layer]
-        groups, _, d_out, d_in = state.shape
-        grad_out = grad_hidden if layer == depth - 1 else grad_hidden * saved.retrieval_derivatives[layer]
+        _, d_out, _, d_in = state.shape
+        if layer == depth - 1:
+            grad_out = grad_hidden
+        else:
+            grad_out = _activation_backward(grad_hidden, saved.retrieval_pre_activations[layer], activation)
         hidden = saved.retrieval_inputs[layer]
         if token_retrieval:
-            projection = saved.projections[layer].unflatten(-1, (2, d_out))
-            grad_retrieval_decays += (projection * grad_out.unsqueeze(-2)).sum(-1)
-            grad_projection = (gates.retrieval_decays.unsqueeze(-1) * grad_out.unsqueeze(-2)).flatten(-2)
-            grad_states[layer] += (grad_projection.mT @ hidden).view(groups, 2, d_out, d_in)
-            grad_hidden = grad_projection @ state.view(groups, 2 * d_out, d_in)
-            gram = saved.grams[layer]
-            grad_scores = grad_out @ saved.errors[layer].mT  # minus the gradient of the scores
-            grad_errors[layer] -= (gates.update_scores * gram).mT @ grad_out
-            grad_update_scores -= grad_scores * gram
-            grad_gram = grad_scores * gates.update_scores
-            grad_hidden -= grad_gram @ saved.layer_inputs[layer]
-            grad_inputs[layer] -= grad_gram.mT @ hidden
+            grad_states[layer].view(groups, d_out, 2 * d_in).baddbmm_(grad_out.mT, saved.scaled_inputs[layer])
+            grad_scaled = (grad_out @ state.view(groups, d_out, 2 * d_in)).view(groups, n, 2, d_in)
+            grad_retrieval_decays += (grad_scaled * hidden.unsqueeze(-2)).sum(-1)
+            grad_hidden = (grad_scaled * gates.retrieval_decays.unsqueeze(-1)).sum(-2)
+            minus_grad_scores = grad_out @ saved.errors[layer].mT
+            grad_errors[layer].baddbmm_(saved.scores[layer].mT, grad_out, alpha=-1)
+            grad_update_scores.addcmul_(minus_grad_scores, saved.grams[layer], value=-1)
+            minus_grad_gram = minus_grad_scores * gates.update_scores
+            grad_hidden.baddbmm_(minus_grad_gram, saved.layer_inputs[layer], alpha=-1)
+            grad_inputs[layer].baddbmm_(minus_grad_gram.mT, hidden, alpha=-1)
         else:
-            grad_states[layer][:, 0] += grad_out.mT @ hidden
-            grad_hidden = grad_out @ state[:, 0]
+            grad_states[layer][:, :, 0].baddbmm_(grad_out.mT, hidden)
+            grad_hidden = grad_out @ state[:, :, 0]
     grad_q = grad_hidden + grad_y if residual else grad_hidden
 
     # The errors: delta_l = (delta_{l+1} W_{l+1}) * act'(z_l).
     grad_pre_activations = []
     for layer in range(depth - 1):
         grad_error = grad_errors[layer]
-        grad_carry = grad_error * saved.derivatives[layer]
-        grad_pre_activations.append(
-            grad_error * saved.carried[layer]
-            * activation_second_derivative(saved.pre_activations[layer], activation)
-        )
-        next_weight = states[layer + 1][:, 0]
-        grad_errors[layer + 1] += grad_carry @ next_weight.mT
-        grad_states[layer + 1][:, 0] += saved.errors[layer + 1].mT @ grad_carry
+        pre_activation = saved.pre_activations[layer]
+        grad_carry = _activation_backward(grad_error, pre_activation, activation)
+        second = activation_second_derivative(pre_activation, activation)
+        grad_pre_activations.append(second.mul_(grad_error).mul_(saved.carried[layer]))
+        grad_errors[layer + 1].baddbmm_(grad_carry, states[layer + 1][:, :, 0].mT)
+        grad_states[layer + 1][:, :, 0].baddbmm_(saved.errors[layer + 1].mT, grad_carry)
 
     # The store pass: out = M_W(k), delta_L = out - v.
-    grad_out = grad_errors[-1]
-    grad_v = -grad_out
-    grad_k = grad_out.clone() if residual else torch.zeros_like(grad_out)
-    grad_pre = grad_out
+    grad_pre = grad_errors[-1]
+    grad_v = -grad_pre
+    grad_k = grad_pre.clone() if residual else torch.zeros_like(grad_pre)
     for layer in range(depth - 1, -1, -1):
-        weight = states[layer][:, 0]
-        grad_states[layer][:, 0] += grad_pre.mT @ saved.layer_inputs[layer]
-        grad_input = grad_inputs[layer] + grad_pre @ weight
+        weight = states[layer][:, :, 0]
+        grad_states[layer][:, :, 0].baddbmm_(grad_pre.mT, saved.layer_inputs[layer])
+        grad_input = grad_inputs[layer].baddbmm_(grad_pre, weight)
         if layer > 0:
-            grad_pre = grad_input * saved.derivatives[layer - 1] + grad_pre_activations[layer - 1]
+            grad_pre = _activation_backward(grad_input, saved.pre_activations[layer - 1], activation)
+            grad_pre += grad_pre_activations[layer - 1]
         else:
             grad_k += grad_input
     grad_state_decays = torch.stack(
@@ -192,12 +215,12 @@ def _chunk_gates(gates: ChunkGates, index: int, length: int) -> ChunkGates:
         retrieval_decays[:, index, :length],
         update_scores[:, index, :length, :length],
         state_decays[:, index],
-        state_rows[:, index, :, :length],
+        state_rows[:, index, :length],
     )
 
 
 class FusedChunkedScan(torch.autograd.Function):
-    """q, k, v (G, T, d); gates `ChunkGates` with a chunk dim after G; states L x (G, 2, d_out, d_in)."""
+    """q, k, v (G, T, d); gates `ChunkGates` with a chunk dim after G; states L x (G, d_out, 2, d_in)."""
 
     @staticmethod
     def forward(ctx, options, q, k, v, retrieval_decays, update_scores, state_decays, state_rows, *states):
@@ -237,10 +260,8 @@ class FusedChunkedScan(torch.autograd.Function):
                 _chunk_gates(gates, index, length), activation, residual, token_retrieval,
             )
             grad_q[:, tokens], grad_k[:, tokens], grad_v[:, tokens] = chunk_q, chunk_k, chunk_v
-            grad_gates.retrieval_decays[:, index, :length] = chunk_gates.retrieval_decays
-            grad_gates.update_scores[:, index, :length, :length] = chunk_gates.update_scores
-            grad_gates.state_decays[:, index] = chunk_gates.state_decays
-            grad_gates.state_rows[:, index, :, :length] = chunk_gates.state_rows
+            for grad_gate, chunk_grad in zip(_chunk_gates(grad_gates, index, length), chunk_gates):
+                grad_gate.copy_(chunk_grad)
         del ctx.saved_chunks
         return (None, grad_q, grad_k, grad_v, *grad_gates, *grad_states)
 
@@ -262,14 +283,14 @@ def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrie
     state_decays = torch.stack(
         (last_row(decays.weight_decay), last_row(decays.momentum_carry), last_row(decays.momentum_decay)), dim=-1
     )
-    state_rows = torch.stack((last_row(decays.update_scores), last_row(decays.momentum_scores)), dim=-2)
+    state_rows = torch.stack((last_row(decays.update_scores), last_row(decays.momentum_scores)), dim=-1)
     gates = (retrieval_decays, decays.update_scores, state_decays, state_rows)
     groups = batch * heads
-    states = [torch.stack((w, s), dim=2).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, 2, d_out, d_in)
+    states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
     options = (chunk_size, activation, residual, retrieve == "token")
     y, *states = FusedChunkedScan.apply(
         options, *(x.reshape(groups, seq_len, dim) for x in (q, k, v)), *(x.flatten(0, 1) for x in gates), *states
     )
-    weights_out = [s[:, 0].unflatten(0, (batch, heads)) for s in states]
-    momentum_out = [s[:, 1].unflatten(0, (batch, heads)) for s in states]
+    weights_out = [s[:, :, 0].unflatten(0, (batch, heads)).contiguous() for s in states]
+    momentum_out = [s[:, :, 1].unflatten(0, (batch, heads)).contiguous() for s in states]
     return y.view(batch, heads, seq_len, dim), weights_out, momentum_out
