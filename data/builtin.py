@@ -40,6 +40,8 @@ STDLIB_MODULES = (
 ).split()
 EXCLUDED_DIRS = {"test", "tests", "__pycache__", "idle_test"}
 VALIDATION_PERCENT = 5
+# Small shards so several prepare workers write in parallel (the corpus is ~30 MB of shards).
+SHARD_BYTES = 4 << 20
 
 
 def stdlib_files(stdlib_dir: str | None = None) -> list[str]:
@@ -106,7 +108,7 @@ def builtin_corpus(cache_dir: str | None = None, tokenizer: str = "byte", seq_le
             temporary = f"{final}.tmp-{os.getpid()}"
             shutil.rmtree(temporary, ignore_errors=True)
             prepare_dataset([os.path.join(stdlib_dir, f) for f in relative_files], temporary,
-                            tokenizer_object.spec, seq_len, seed=0, num_workers=num_workers,
+                            tokenizer_object.spec, seq_len, seed=0, shard_bytes=SHARD_BYTES, num_workers=num_workers,
                             progress=progress)
             shutil.rmtree(final, ignore_errors=True)  # an unfinished earlier attempt, no manifest
             os.rename(temporary, final)

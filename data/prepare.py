@@ -61,10 +61,15 @@ def _tokenize_batch(item: tuple[int, list[str], bool]) -> tuple[int, np.ndarray,
     file_index, documents, is_last = item
     tokenizer = _worker_tokenizer
     dtype = token_dtype(tokenizer.vocab_size)
+    if hasattr(tokenizer, "encode_array"):
+        encoded = [tokenizer.encode_array(document) for document in documents]
+    else:
+        encoded = tokenizer.encode_batch(documents)
+    eos = np.asarray([tokenizer.eos_id], dtype=dtype)
     pieces = []
-    for ids in tokenizer.encode_batch(documents):
+    for ids in encoded:
         pieces.append(np.asarray(ids, dtype=dtype))
-        pieces.append(np.asarray([tokenizer.eos_id], dtype=dtype))
+        pieces.append(eos)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
     text_bytes = sum(len(document.encode("utf-8")) for document in documents)
     return file_index, tokens, len(documents), text_bytes, is_last

@@ -98,8 +98,10 @@ def write_shard(path: str, keys: np.ndarray, samples: np.ndarray, layout: Sample
     sink = _HashingFile(temporary)
     try:
         writer = webdataset.TarWriter(sink, encoder=False, mtime=FIXED_MTIME, user="", group="", mode=0o444)
+        # Every sample has the same shape and dtype, so the .npy header is built once.
+        npy_header = _npy_bytes(samples[0])[: layout.npy_header_bytes] if len(samples) else b""
         for key, tokens in zip(keys, samples):
-            writer.write({"__key__": sample_key(int(key)), "tokens.npy": _npy_bytes(tokens)})
+            writer.write({"__key__": sample_key(int(key)), "tokens.npy": npy_header + tokens.tobytes()})
         writer.close()
         sink.close()
         expected_payload = len(samples) * layout.member_bytes

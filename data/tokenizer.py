@@ -10,6 +10,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from titans_train.data.errors import TokenizerError
 
 # End-of-text tokens tried, in order, when a tokenizer JSON file is given without `eos_token`.
@@ -46,6 +48,10 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode() as a uint8 array without building a Python list (prepare's fast path)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     def decode(self, ids: list[int]) -> str:
         # EOS has no byte; show it as a newline-free marker so decoded streams stay readable.
