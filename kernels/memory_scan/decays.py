@@ -1,37 +1,28 @@
 """Gate products of the chunked scan: everything that does not depend on the memory weights.
 
-Computed for all chunks at once, in log space with a stable segment sum (README.md here).
+Computed for all chunks at once, as segment products over masked matrices (README.md here).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-def segment_sum(log_values: torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (..., n, n) with out[t, j] = sum_{l=j+1..t} x_l for j <= t and -inf above the diagonal.
+def segment_product(values: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n, n) with out[t, j] = prod_{l=j+1..t} x_l for j <= t (1 on the diagonal), 0 above.
 
-    Summed over a masked repeated matrix (as Mamba-2's `segsum`), never as a difference of two
-    cumulative sums: a -inf term (a gate saturated to 0) stays -inf instead of giving inf - inf.
+    A cumulative product over a masked repeated matrix, the multiplicative form of Mamba-2's
+    `segsum`: no differences or ratios of prefix products, so a gate at exactly 0 gives exact
+    zeros, and autograd's cumprod backward gives the exact derivative there too (README.md).
     """
-    n = log_values.shape[-1]
-    ones = torch.ones(n, n, dtype=torch.bool, device=log_values.device)
-    repeated = log_values.unsqueeze(-1).expand(*log_values.shape, n)  # (..., l, j) = x_l
-    sums = repeated.masked_fill(~ones.tril(-1), 0).cumsum(dim=-2)  # keeps x_l for l > j
-    return sums.masked_fill(ones.triu(1), -math.inf)
-
-
-def log_gate(gate: torch.Tensor) -> torch.Tensor:
-    """log(gate), floored at the dtype's smallest normal number.
-
-    A gate saturated to exactly 0 then decays by ~1e-38 (fp32) instead of exactly 0, and its
-    gradient is 0 instead of 0 * inf = NaN. A sigmoid gate has zero slope there anyway.
-    """
-    return torch.log(gate.clamp_min(torch.finfo(gate.dtype).tiny))
+    n = values.shape[-1]
+    ones = torch.ones(n, n, dtype=torch.bool, device=values.device)
+    repeated = values.unsqueeze(-1).expand(*values.shape, n)  # (..., l, j) = x_l
+    products = torch.where(ones.tril(-1), repeated, 1.0).cumprod(dim=-2)  # x_l for l > j, else 1
+    return products.masked_fill(ones.triu(1), 0.0)
 
 
 class ChunkDecays(NamedTuple):
@@ -59,12 +50,11 @@ def chunk_decays(
     def chunked(x: torch.Tensor, fill: float) -> torch.Tensor:
         return F.pad(x, (0, pad), value=fill).view(batch, heads, n_chunks, chunk_size)
 
-    # A leading 0 in log space stands for the chunk start: column 0 of the segment sums is then the
-    # prefix product from the chunk start.
-    log_keep = F.pad(chunked(log_gate(1 - alpha), 0.0), (1, 0))  # (B, H, nc, n + 1)
-    log_eta = F.pad(chunked(log_gate(eta), 0.0), (1, 0))
-    decay_alpha = segment_sum(log_keep).exp()  # (B, H, nc, n + 1, n + 1)
-    decay_eta = segment_sum(log_eta).exp()
+    # A leading 1 stands for the chunk start: column 0 of the segment products is then the prefix
+    # product from the chunk start.
+    keep = F.pad(chunked(1 - alpha, 1.0), (1, 0), value=1.0)  # (B, H, nc, n + 1)
+    decay_alpha = segment_product(keep)  # (B, H, nc, n + 1, n + 1)
+    decay_eta = segment_product(F.pad(chunked(eta, 1.0), (1, 0), value=1.0))
     weight_decay = decay_alpha[..., 1:, 0]
     momentum_decay = decay_eta[..., 1:, 0]
     decay_alpha = decay_alpha[..., 1:, 1:]  # D_alpha[t, j] = prod_{l=j+1..t} (1 - alpha_l)

@@ -262,7 +262,6 @@ class FusedChunkedScan(torch.autograd.Function):
             grad_q[:, tokens], grad_k[:, tokens], grad_v[:, tokens] = chunk_q, chunk_k, chunk_v
             for grad_gate, chunk_grad in zip(_chunk_gates(grad_gates, index, length), chunk_gates):
                 grad_gate.copy_(chunk_grad)
-        del ctx.saved_chunks
         return (None, grad_q, grad_k, grad_v, *grad_gates, *grad_states)
 
 
