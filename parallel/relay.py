@@ -19,6 +19,7 @@ successor. Sends are asynchronous; `StateRelay.finish()` waits for the ones stil
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -82,11 +83,18 @@ class StateRelay:
         self.next_rank = next_rank
         self._pending: list[dist.Work] = []
         self.bytes_sent = 0
+        self.wait_seconds = 0.0  # blocked in receives: the wavefront's idle time on this rank
 
     def _isend(self, buffers: Sequence[torch.Tensor], destination: int) -> None:
         for buffer in buffers:
             self._pending.append(dist.isend(buffer, dst=destination))
             self.bytes_sent += buffer.numel() * buffer.element_size()
+
+    def _recv(self, buffers: Sequence[torch.Tensor], source: int) -> None:
+        start = time.perf_counter()
+        for buffer in buffers:
+            dist.recv(buffer, src=source)
+        self.wait_seconds += time.perf_counter() - start
 
     def finish(self) -> None:
         """Wait for every send still in flight."""
@@ -115,8 +123,7 @@ class _ReceiveState(torch.autograd.Function):
     @staticmethod
     def forward(ctx, relay: StateRelay, specs: list[TensorSpec], anchor: torch.Tensor):
         buffers = _empty_buffers(specs)
-        for buffer in buffers:
-            dist.recv(buffer, src=relay.previous_rank)
+        relay._recv(buffers, relay.previous_rank)
         ctx.relay = relay
         ctx.specs = specs
         ctx.anchor_dtype = anchor.dtype
@@ -141,6 +148,5 @@ class _SendState(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_zero):
         buffers = _empty_buffers(ctx.specs)
-        for buffer in buffers:
-            dist.recv(buffer, src=ctx.relay.next_rank)
+        ctx.relay._recv(buffers, ctx.relay.next_rank)
         return (None, None, *_unpack(buffers, ctx.specs))
