@@ -225,7 +225,8 @@ def prepare_dataset(
         # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
         # The workers only tokenize and write files, never touch torch, so forking is safe.
         context = multiprocessing.get_context("fork")
-        pool = context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_object.spec, eos_token))
+        pool = _single_threaded_tokenizers(lambda: context.Pool(
+            num_workers, initializer=_init_worker, initargs=(tokenizer_object.spec, eos_token)))
     try:
         sources = _tokenize_sources(files, tokenizer_object, eos_token, text_field, work_dir, pool, progress)
         num_documents = sum(s.num_documents for s in sources)
@@ -273,6 +274,21 @@ def prepare_dataset(
     write_manifest(output_dir, manifest)
     shutil.rmtree(work_dir, ignore_errors=True)
     return manifest
+
+
+def _single_threaded_tokenizers(start_pool):
+    """Start the pool with TOKENIZERS_PARALLELISM=false in its environment: one thread per worker
+    process (the pool is the parallelism), and no fork warning from `tokenizers`. The caller's own
+    environment is left as it was."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return start_pool()
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def _write_shards(jobs, work_dir, pool, progress, plan: str) -> list[ShardInfo]:
