@@ -32,7 +32,9 @@ def _split_compression(path: str) -> tuple[str, str | None]:
 
 def file_format(path: str) -> str | None:
     """'text', 'jsonl' or 'parquet' for a supported corpus file, else None."""
-    base, _ = _split_compression(path.lower())
+    base, compression = _split_compression(path.lower())
+    if base.endswith(PARQUET_SUFFIXES) and compression:
+        return None  # parquet compresses inside the file; an outer .gz/.zst is not readable in place
     if base.endswith(TEXT_SUFFIXES):
         return "text"
     if base.endswith(JSONL_SUFFIXES):
@@ -70,7 +72,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             else:
                 raise EmptyInputError(
                     f"input {match} has an unsupported format; use .txt, .jsonl or .parquet "
-                    "(optionally .gz/.zst compressed)"
+                    "(.txt/.jsonl optionally .gz/.zst compressed; parquet compresses internally)"
                 )
     if not files:
         raise EmptyInputError(

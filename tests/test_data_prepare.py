@@ -56,6 +56,7 @@ def assert_round_trip(directory: str, documents: list[str], tokenizer) -> None:
     width = SEQ_LEN + 1
     num_samples = len(stream) // width
     assert sorted(samples) == list(range(num_samples))
+    assert list(samples) != sorted(samples)  # stored globally shuffled
     rebuilt = np.concatenate([samples[key] for key in range(num_samples)]).astype(np.int64)
     np.testing.assert_array_equal(rebuilt, stream[: num_samples * width])
     # The random-access reader agrees with the plain tar reader, sample by sample.
@@ -162,6 +163,9 @@ def test_empty_inputs_are_errors(tmp_path):
     with pytest.raises(EmptyInputError, match="fewer than one sample"):
         prepare_dataset([str(tmp_path / "short.txt")], str(tmp_path / "out2"), seq_len=8,
                         num_workers=1, progress=False)
+    (tmp_path / "table.parquet.gz").write_bytes(b"")
+    with pytest.raises(EmptyInputError, match="parquet compresses internally"):
+        prepare_dataset([str(tmp_path / "table.parquet.gz")], str(tmp_path / "out"), seq_len=8, progress=False)
     (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
     with pytest.raises(EmptyInputError, match="--text-field"):
         prepare_dataset([str(tmp_path / "bad.jsonl")], str(tmp_path / "out3"), seq_len=8,
@@ -218,6 +222,20 @@ def test_edited_manifest_and_existing_output_are_errors(prepared, tmp_path):
     json.dump(content, open(path, "w"))
     with pytest.raises(ManifestError, match="edited after prepare"):
         read_manifest(prepared)
+
+
+def test_tokenizer_file_errors(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from titans_train.data.errors import TokenizerError
+
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nope.json"))
+    no_eos = tmp_path / "no-eos.json"
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(no_eos))
+    with pytest.raises(TokenizerError, match="no end-of-text token.*--eos-token"):
+        load_tokenizer(str(no_eos))
+    assert load_tokenizer(str(no_eos), eos_token="a").eos_id == 1
 
 
 def test_byte_tokenizer_round_trip():
