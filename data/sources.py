@@ -54,7 +54,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     files: set[str] = set()
     for pattern in inputs:
         pattern = os.fspath(pattern)
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        is_glob = glob.has_magic(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
         if not matches or not any(os.path.exists(m) for m in matches):
             raise EmptyInputError(
                 f"input {pattern!r} matches no file; check the path (globs need quotes in the shell)"
@@ -69,7 +70,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                             files.add(os.path.abspath(candidate))
             elif file_format(match) is not None:
                 files.add(os.path.abspath(match))
-            else:
+            elif not is_glob:  # a glob may match other files (READMEs, indexes); a named file must be readable
                 raise EmptyInputError(
                     f"input {match} has an unsupported format; use .txt, .jsonl or .parquet "
                     "(.txt/.jsonl optionally .gz/.zst compressed; parquet compresses internally)"

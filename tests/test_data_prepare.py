@@ -92,6 +92,7 @@ def test_round_trip_parquet_and_zstd(tmp_path, documents):
     pq.write_table(pa.table({"body": documents[:30]}), corpus / "a.parquet", row_group_size=7)
     lines = "".join(json.dumps({"body": d}) + "\n" for d in documents[30:]).encode()
     (corpus / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (corpus / "index.html").write_text("<html>not corpus</html>")  # a glob skips other files
     prepare_dataset([str(corpus / "*")], str(tmp_path / "out"), "byte", SEQ_LEN, text_field="body",
                     num_workers=2, progress=False)
     assert_round_trip(str(tmp_path / "out"), documents, ByteTokenizer())
