@@ -2,7 +2,9 @@
 
 Stages, each restartable (an interrupted run is simply run again):
 1. tokenize every source file in a process pool (documents joined with EOS) into a cached token
-   file under `<output>/.prepare-work/`, written under a temporary name and renamed;
+   file under `<output>/.prepare-work/`, written under a temporary name and renamed (many
+   files: one file per task, read by the worker; few files: the main process reads and hands out
+   batches of documents);
 2. join the files' tokens into one stream (sorted file order), cut it into samples of
    seq_len + 1 tokens (the tail shorter than one sample is dropped), and permute them (seed);
 3. write the shards in the pool, each under a temporary name and renamed;
@@ -123,46 +125,81 @@ def _progress(total: int | None, unit: str, description: str, enabled: bool):
                 disable=not enabled, dynamic_ncols=True)
 
 
-def _tokenize_sources(files, tokenizer, eos_token, text_field, work_dir, pool, progress) -> list[_SourceTokens]:
+class _TokenFile:
+    """One source's token file, appended batch by batch under a temporary name, then renamed."""
+
+    def __init__(self, source: _SourceTokens, dtype: str) -> None:
+        self.source = source
+        self.dtype = dtype
+        self._temporary = f"{source.tokens_file}.tmp-{os.getpid()}"
+        self._handle = open(self._temporary, "wb")
+
+    def append(self, tokens: np.ndarray, num_documents: int, text_bytes: int) -> None:
+        self._handle.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.source.num_tokens += len(tokens)
+        self.source.num_documents += num_documents
+        self.source.text_bytes += text_bytes
+
+    def finish(self) -> None:
+        self._handle.close()
+        os.replace(self._temporary, self.source.tokens_file)
+        _atomic_write_json(self.source.tokens_file + ".json", {
+            "num_tokens": self.source.num_tokens, "num_documents": self.source.num_documents,
+            "text_bytes": self.source.text_bytes,
+        })
+
+
+def _tokenize_file_job(job: tuple[int, _SourceTokens, str]) -> tuple[int, _SourceTokens]:
+    """Worker: read, tokenize and write one whole source file (used when there are many files)."""
+    file_index, source, text_field = job
+    token_file = _TokenFile(source, token_dtype(_worker_tokenizer.vocab_size))
+    for batch in _document_batches([(file_index, source.path)], text_field):
+        _, tokens, num_documents, text_bytes, _ = _tokenize_batch(batch)
+        token_file.append(tokens, num_documents, text_bytes)
+    token_file.finish()
+    return file_index, source
+
+
+def _tokenize_sources(files, tokenizer, eos_token, text_field, work_dir, pool, num_workers, progress):
+    """Token files for every source, reusing those an interrupted earlier run finished.
+
+    Many files: each worker reads, tokenizes and writes whole files. Few files: the main process
+    reads and the pool tokenizes ~1 MiB batches in order. Both write the same token files.
+    """
     dtype = token_dtype(tokenizer.vocab_size)
-    results: list[_SourceTokens | None] = [None] * len(files)
-    pending: list[tuple[int, str]] = []
+    results: list[_SourceTokens] = []
+    pending: list[int] = []
     for index, path in enumerate(files):
         key = _source_key(path, tokenizer.identity.sha256, text_field)
         tokens_file = os.path.join(work_dir, f"tokens-{key}.bin")
         record_file = tokens_file + ".json"
         if os.path.exists(record_file) and os.path.exists(tokens_file):
             with open(record_file) as handle:
-                results[index] = _SourceTokens(path, tokens_file, **json.load(handle))
+                results.append(_SourceTokens(path, tokens_file, **json.load(handle)))
         else:
-            pending.append((index, path))
-            results[index] = _SourceTokens(path, tokens_file, 0, 0, 0)
-    if pending:
-        batches = _document_batches(pending, text_field)
-        if pool is None:
-            _init_worker(tokenizer.spec, eos_token)
-            outputs = map(_tokenize_batch, batches)
-        else:
-            outputs = pool.imap(_tokenize_batch, batches)
-        open_files: dict[int, object] = {}
-        with _progress(None, "B", "tokenize", progress) as bar:
-            for file_index, tokens, num_documents, text_bytes, is_last in outputs:
-                source = results[file_index]
-                temporary = f"{source.tokens_file}.tmp-{os.getpid()}"
-                if file_index not in open_files:
-                    open_files[file_index] = open(temporary, "wb")
-                open_files[file_index].write(tokens.astype(dtype, copy=False).tobytes())
-                source.num_tokens += len(tokens)
-                source.num_documents += num_documents
-                source.text_bytes += text_bytes
-                bar.update(text_bytes)
-                if is_last:
-                    open_files.pop(file_index).close()
-                    os.replace(temporary, source.tokens_file)
-                    _atomic_write_json(source.tokens_file + ".json", {
-                        "num_tokens": source.num_tokens, "num_documents": source.num_documents,
-                        "text_bytes": source.text_bytes,
-                    })
+            pending.append(index)
+            results.append(_SourceTokens(path, tokens_file, 0, 0, 0))
+    if not pending:
+        return results
+    if pool is None:
+        _init_worker(tokenizer.spec, eos_token)
+    with _progress(None, "B", "tokenize", progress) as bar:
+        if pool is not None and len(pending) >= 2 * num_workers:
+            jobs = [(index, results[index], text_field) for index in pending]
+            for index, source in pool.imap_unordered(_tokenize_file_job, jobs):
+                results[index] = source
+                bar.update(source.text_bytes)
+            return results
+        batches = _document_batches([(index, files[index]) for index in pending], text_field)
+        outputs = map(_tokenize_batch, batches) if pool is None else pool.imap(_tokenize_batch, batches)
+        open_files: dict[int, _TokenFile] = {}
+        for file_index, tokens, num_documents, text_bytes, is_last in outputs:
+            if file_index not in open_files:
+                open_files[file_index] = _TokenFile(results[file_index], dtype)
+            open_files[file_index].append(tokens, num_documents, text_bytes)
+            bar.update(text_bytes)
+            if is_last:
+                open_files.pop(file_index).finish()
     return results
 
 
@@ -228,7 +265,8 @@ def prepare_dataset(
         pool = _single_threaded_tokenizers(lambda: context.Pool(
             num_workers, initializer=_init_worker, initargs=(tokenizer_object.spec, eos_token)))
     try:
-        sources = _tokenize_sources(files, tokenizer_object, eos_token, text_field, work_dir, pool, progress)
+        sources = _tokenize_sources(files, tokenizer_object, eos_token, text_field, work_dir, pool,
+                                    num_workers, progress)
         num_documents = sum(s.num_documents for s in sources)
         if num_documents == 0:
             raise EmptyInputError(f"inputs {files[:5]}{'...' if len(files) > 5 else ''} contain no text; "

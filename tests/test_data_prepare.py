@@ -153,6 +153,18 @@ def test_prepare_is_deterministic_and_resumes_after_interrupt(tmp_path, document
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "clean"))
 
 
+def test_worker_count_does_not_change_the_result(tmp_path, documents):
+    """Inline (1 worker), whole files per worker (many files) and batches per worker (one file)."""
+    write_corpus(str(tmp_path / "files"), documents, "txt")
+    write_corpus(str(tmp_path / "one"), documents, "jsonl")
+    fingerprints = set()
+    for name, corpus, workers in (("a", "files", 1), ("b", "files", 2), ("c", "one", 2), ("d", "one", 1)):
+        manifest = prepare_dataset([str(tmp_path / corpus)], str(tmp_path / name), "byte", SEQ_LEN,
+                                   shard_bytes=10_000, num_workers=workers, progress=False)
+        fingerprints.add(tuple(shard["sha256"] for shard in manifest.shards))
+    assert len(fingerprints) == 1  # byte-identical shards
+
+
 def test_empty_inputs_are_errors(tmp_path):
     with pytest.raises(EmptyInputError, match="matches no file"):
         prepare_dataset([str(tmp_path / "missing*.txt")], str(tmp_path / "out"), seq_len=8, progress=False)
