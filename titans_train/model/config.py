@@ -22,7 +22,8 @@ MLP_MULTIPLE_OF = 32
 
 @dataclass
 class TitansConfig:
-    """Defaults describe a ~170M-parameter MAC model; tiny configs (dim 32, 2 layers) work too.
+    """Defaults describe the paper's smallest MAC model (~150M parameters with a 32000 vocabulary);
+    tiny configs (dim 16-64, 2 layers) work too.
 
     Optional fields left at None are derived: `n_memory_heads` = `n_heads`, `mlp_hidden_dim` =
     8/3 * dim rounded up to a multiple of 32.
@@ -43,9 +44,13 @@ class TitansConfig:
     chunk_size: int = 64
     retrieve: str = "token"
     conv_kernel: int = 4
-    theta_max: float = 1.0
-    theta_bias_init: float = -2.0
-    eta_bias_init: float = 1.0
+    # Inner learning rate theta = theta_max * sigmoid(.). A chunk sums up to chunk_size gradients
+    # taken at the same weights, so when its keys align (MAC at init: attention averages) one
+    # chunk steps by ~ theta * chunk_size / (1 - eta); 0.01 stays stable at chunk 64 where 0.03
+    # diverged (docs/model.md). Scale theta_max ~ 1 / chunk_size when changing chunk_size.
+    theta_max: float = 0.01
+    theta_bias_init: float = 0.0
+    eta_bias_init: float = 0.0
     alpha_bias_init: float = -5.0
     # attention
     segment_len: int = 128

@@ -175,7 +175,8 @@ class MACMixer(nn.Module):
 
     1. retrieve h = M_prev(q(x)) with the memory as it was before the segment;
     2. attend: segment token j over [persistent | h_0..h_j | x_0..x_j] of its segment;
-    3. update the memory with y = attention output (k, v, gates from y), retrieving M_t(q(y));
+    3. update the memory with y = the attention output, normed per memory head (k, v, gates from
+       y), retrieving M_t(q(y));
     4. o = y * M_updated(y), then norm, gate, projection.
 
     The memory's block is the segment, so its state holds the segment-start weights (needed by
@@ -189,6 +190,9 @@ class MACMixer(nn.Module):
         self.memory = NeuralMemory(config)
         self.attention = _attention(config)
         self.attention_out_proj = nn.Linear(config.dim, config.dim, bias=False)
+        # y feeds the memory's projections and gates; unnormalised, its growth during training
+        # saturates the gates and blows up the inner loop (the other mixers feed the normed x).
+        self.y_norm = HeadRMSNorm(config.memory_heads, config.memory_head_dim, config.norm_eps)
         self.output = GatedOutput(config.dim, config.memory_heads, config.memory_head_dim, config.norm_eps)
 
     def state_shapes(self, batch_size: int, position: int) -> Shapes:
@@ -239,7 +243,8 @@ class MACMixer(nn.Module):
                 torch.cat([cache["memory_values"], cache["values"]], dim=2),
                 torch.cat([causal, causal], dim=1),
             )  # (B, H, length, d)
-            y = self.attention_out_proj(merge_heads(attended))  # (B, length, D)
+            projected = self.attention_out_proj(merge_heads(attended))  # (B, length, D)
+            y = self.y_norm(projected.unflatten(-1, (-1, self.memory.head_dim))).flatten(2)
             updated, memory_state = self.memory(y, memory_state, self.segment_len, stats)
             # y's channels pair with the memory heads' channels (under tensor parallelism the
             # attention output projection hands each rank the channels of its own heads).
