@@ -1,0 +1,40 @@
+"""`titans-train train RECIPE [key=value ...]`: pretrain from a recipe, one process or N (torchrun).
+
+Exit codes: 0 done, 2 configuration error (nothing started), 75 stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint (requeue the job; it resumes from that checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from titans_train.config import ConfigError, load_recipe
+from titans_train.train.distributed import world_size_from_environment
+
+EXIT_CONFIG_ERROR = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe name (`titans-train config list`) or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 parallel.zero_stage=2")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_recipe(args.recipe, args.overrides, world_size=world_size_from_environment())
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from titans_train.train.trainer import train
+
+    result = train(config)
+    if result.validation and result.resumed_from is None:
+        first_step, last_step = min(result.validation), max(result.validation)
+        if last_step > first_step:
+            start, end = (math.exp(min(result.validation[s], 50.0)) for s in (first_step, last_step))
+            print(f"validation perplexity: {start:.2f} at step {first_step} -> {end:.2f} at step {last_step}")
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}")
+    return result.exit_code
