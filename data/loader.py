@@ -222,10 +222,6 @@ class TokenLoader:
                 self._micro_in_batch = 0
             yield batch
 
-    def global_batch_positions(self, step: int) -> np.ndarray:
-        """Global positions of global batch `step` counted from position 0 (for checks and tools)."""
-        return np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size)
-
     def rewind(self) -> None:
         """Back to position 0: a validation loader (shuffle=False) yields the same batches again."""
         self._samples_consumed = 0
