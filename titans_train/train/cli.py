@@ -11,7 +11,7 @@ import math
 import sys
 
 from titans_train.config import ConfigError, load_recipe
-from titans_train.train.distributed import world_size_from_environment
+from titans_train.train.distributed import shutdown_distributed, world_size_from_environment
 
 EXIT_CONFIG_ERROR = 2
 
@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from titans_train.train.trainer import train
 
     result = train(config)
+    shutdown_distributed()
+    if result.rank != 0:
+        return result.exit_code
     if result.validation and result.resumed_from is None:
         first_step, last_step = min(result.validation), max(result.validation)
         if last_step > first_step:

@@ -138,3 +138,12 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """End a process cleanly: every rank reaches the barrier, then the group is destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -55,6 +55,7 @@ class TrainResult:
     validation: dict[int, float] = field(default_factory=dict)  # step -> validation loss
     resumed_from: str | None = None
     checkpoint: str | None = None
+    rank: int = 0
 
 
 class StopFlag:
@@ -185,13 +186,27 @@ class Trainer:
         """One optimizer step over the global batch; returns (global mean loss, lr used)."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), dtype=torch.float64)
+        self.grad_norm = None
         for _ in range(self.plan.gradient_accumulation_steps):
             loss, _ = self.engine(self._next_micro_batch())
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary() and self.config.parallel.zero_stage == 0:
+                self.grad_norm = self._replicated_grad_norm()
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
+        if self.grad_norm is None:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else None
         local = float(loss_sum) / self.plan.gradient_accumulation_steps
         return all_reduce_mean(local, group=self.context.gradient_group), lr
+
+    def _replicated_grad_norm(self) -> float:
+        """The pre-clipping gradient norm when every rank holds all (averaged) gradients.
+
+        DeepSpeed reports it itself only under ZeRO >= 1; without ZeRO the gradients are whole.
+        """
+        squares = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -258,7 +273,7 @@ class Trainer:
                               config.logging.peak_flops_per_device * self.context.data_world_size
                               * self.context.tp_size * self.context.sp_size)
         if self.step == 0 or config.train.eval_interval == 0:
-            self._log_validation("start")
+            self._log_validation("resumed" if self.result.resumed_from else "start")
         meter.start(self.step)
         saved_at = self.step if self.result.resumed_from else None
         while self.step < total:
@@ -272,8 +287,7 @@ class Trainer:
             last = self.step == total
             if self.step % config.logging.interval == 0 or last or stopping:
                 speed = meter.measure(self.step)
-                grad_norm = self.engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else None
+                grad_norm = self.grad_norm
                 self.logger.info(progress_line(self.step, total, self.tokens_seen, loss, lr, grad_norm, speed))
                 values = {"train/loss": loss, "train/lr": lr, "train/tokens": self.tokens_seen, **speed}
                 if grad_norm is not None:
@@ -300,6 +314,7 @@ class Trainer:
                 self.save()
         self.result.step = self.step
         self.result.tokens_seen = self.tokens_seen
+        self.result.rank = self.context.rank
         barrier()
         return self.result
 
