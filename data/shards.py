@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +148,24 @@ class ShardReader:
                 f"(truncated or overwritten); {self._fix_hint}"
             )
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        if self.info.samples:
+            self._check_npy_header()
+
+    def _check_npy_header(self) -> None:
+        """The first member's .npy header must describe the layout the reads assume."""
+        member = io.BytesIO(bytes(self._map[TAR_BLOCK : self._stride]))
+        try:
+            if np.lib.format.read_magic(member) != (1, 0):
+                raise ValueError("not npy format version 1.0")
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        except ValueError as error:
+            raise ShardError(f"shard {self.path}: sample 0 is not a .npy array ({error}); {self._fix_hint}") from None
+        expected = ((self.layout.tokens_per_sample,), np.dtype(self.layout.dtype))
+        if (shape, dtype) != expected or member.tell() != self.layout.npy_header_bytes:
+            raise ShardError(
+                f"shard {self.path}: samples are {dtype}{list(shape)} with a {member.tell()}-byte header, "
+                f"expected {expected[1]}{list(expected[0])} with {self.layout.npy_header_bytes}; {self._fix_hint}"
+            )
 
     def verify_checksum(self) -> None:
         self.open()

@@ -214,6 +214,15 @@ def test_missing_and_corrupted_shards(prepared):
         PreparedDataset(prepared)
 
 
+def test_shard_of_another_layout(prepared):
+    shard = os.path.join(prepared, "shard-000000.tar")
+    data = open(shard, "rb").read()
+    position = data.index(b"<u2", 512)  # the first member's .npy header: say uint32 instead
+    open(shard, "wb").write(data[:position] + b"<u4" + data[position + 3 :])
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: samples are uint32\[32\]"):
+        PreparedDataset(prepared)
+
+
 def test_tokenizer_and_seq_len_mismatch(prepared, tmp_path):
     from tokenizers import Tokenizer, models
 
