@@ -59,6 +59,12 @@ def assert_round_trip(directory: str, documents: list[str], tokenizer) -> None:
     assert list(samples) != sorted(samples)  # stored globally shuffled
     rebuilt = np.concatenate([samples[key] for key in range(num_samples)]).astype(np.int64)
     np.testing.assert_array_equal(rebuilt, stream[: num_samples * width])
+    # webdataset's own reader sees the same samples.
+    import webdataset
+
+    urls = [os.path.join(directory, shard["file"]) for shard in json.load(open(os.path.join(directory, "manifest.json")))["shards"]]
+    for sample in webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        np.testing.assert_array_equal(sample["tokens.npy"], samples[int(sample["__key__"])])
     # The random-access reader agrees with the plain tar reader, sample by sample.
     dataset = PreparedDataset(directory, tokenizer, SEQ_LEN)
     keys, tokens = dataset.read(np.arange(len(dataset)))
