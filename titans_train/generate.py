@@ -8,6 +8,7 @@ model state, so the neural memory keeps updating as the text grows (test-time me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def load_model_state(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tenso
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        with contextlib.redirect_stdout(sys.stderr):  # it reports progress on stdout
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return {name.removeprefix("model."): tensor.float() for name, tensor in state.items()}
 
 
