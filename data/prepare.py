@@ -240,7 +240,11 @@ def prepare_dataset(
     """
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
-    files = expand_inputs(inputs)
+    output_prefix = os.path.join(os.path.abspath(output_dir), "")
+    # The output may sit inside an input directory: its manifest and work files are not corpus.
+    files = [f for f in expand_inputs(inputs) if not f.startswith(output_prefix)]
+    if not files:
+        raise EmptyInputError(f"inputs {inputs} hold no corpus file outside the output directory {output_dir}")
     tokenizer_object = load_tokenizer(tokenizer, eos_token)
     os.makedirs(output_dir, exist_ok=True)
     manifest_path = os.path.join(output_dir, MANIFEST_NAME)

@@ -128,6 +128,16 @@ def test_round_trip_json_tokenizer_with_uint32_ids(tmp_path, documents):
     assert_round_trip(str(tmp_path / "out"), documents, tokenizer)
 
 
+def test_output_inside_the_input_directory_is_not_read_back(tmp_path, documents):
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), documents, "jsonl")
+    first = prepare_dataset([str(corpus)], str(corpus / "out"), "byte", SEQ_LEN, num_workers=1, progress=False)
+    again = prepare_dataset([str(corpus)], str(corpus / "out"), "byte", SEQ_LEN, num_workers=1,
+                            overwrite=True, progress=False)
+    assert again.num_documents == first.num_documents == len(documents)
+    assert again.fingerprint == first.fingerprint
+
+
 def test_prepare_is_deterministic_and_resumes_after_interrupt(tmp_path, documents, monkeypatch):
     write_corpus(str(tmp_path / "corpus"), documents, "txt")
     inputs = [str(tmp_path / "corpus")]
