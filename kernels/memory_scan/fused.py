@@ -41,10 +41,10 @@ class SavedChunk(NamedTuple):
     carried: list  # (G, n, width): delta_{l+1} W_{l+1}, so delta_l = carried * act'(z_l)
     errors: list  # (G, n, d_out): delta_l
     retrieval_inputs: list  # (G, n, d_in): h_{l-1} of the retrieval pass, h_0 = q
-    scaled_inputs: list  # (G, n, 2 d_in): [A h, E h] (token retrieval)
+    mixed_retrieval: list  # [A h, E h] (G, n, 2 d_in), or h [W | S]^T (G, n, d_out, 2) (token retrieval)
     grams: list  # (G, n, n): h a^T (token retrieval)
     scores: list  # (G, n, n): C theta * h a^T (token retrieval)
-    update_inputs: list  # (G, n, 2 d_in): [C_n theta a, D_eta,n theta a], the state update's inputs
+    mixed_update: list  # [c a, m a] (G, n, 2 d_in), or [c delta, m delta] (G, n, d_out, 2): the state update
     retrieval_pre_activations: list  # (G, n, width): r_l of the hidden retrieval layers
 
 
@@ -62,6 +62,16 @@ def _activation_backward(grad, x, activation):
 def _minus_bmm(a, b):
     """-(a @ b) in one op (beta=0 ignores the uninitialised input)."""
     return torch.baddbmm(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0, alpha=-1)
+
+
+def _mix_outputs(state):
+    """Apply the per-token decays on the output side of a layer when it is the narrower one.
+
+    Both the retrieval's [A, E] and the update's [c, m] can scale either side of a product:
+    diag(A) h W^T = diag(A) (h W^T), delta^T diag(c) a = (diag(c) delta)^T a. Scaling the
+    narrower side moves the least memory; the layer's state layout (d_out, 2, d_in) serves both.
+    """
+    return state.shape[1] < state.shape[3]
 
 
 def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, token_retrieval):
@@ -88,17 +98,22 @@ def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, tok
     errors.reverse()
     carried.reverse()
 
-    retrieval_inputs, scaled_inputs, grams, scores, retrieval_pre_activations = [], [], [], [], []
+    retrieval_inputs, mixed_retrieval, grams, scores, retrieval_pre_activations = [], [], [], [], []
     hidden = q
     for layer, state in enumerate(states):
         _, d_out, _, d_in = state.shape
         retrieval_inputs.append(hidden)
         if token_retrieval:
-            scaled = (gates.retrieval_decays.unsqueeze(-1) * hidden.unsqueeze(-2)).view(groups, n, 2 * d_in)
             gram = hidden @ layer_inputs[layer].mT  # (G, n, n)
             score = gates.update_scores * gram
-            hidden = (scaled @ state.view(groups, d_out, 2 * d_in).mT).baddbmm_(score, errors[layer], alpha=-1)
-            scaled_inputs.append(scaled)
+            if _mix_outputs(state):
+                mixed = (hidden @ state.view(groups, 2 * d_out, d_in).mT).view(groups, n, d_out, 2)
+                hidden = (mixed * gates.retrieval_decays.unsqueeze(-2)).sum(-1)
+            else:
+                mixed = (gates.retrieval_decays.unsqueeze(-1) * hidden.unsqueeze(-2)).view(groups, n, 2 * d_in)
+                hidden = mixed @ state.view(groups, d_out, 2 * d_in).mT
+            hidden.baddbmm_(score, errors[layer], alpha=-1)
+            mixed_retrieval.append(mixed)
             grams.append(gram)
             scores.append(score)
         else:
@@ -108,20 +123,24 @@ def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, tok
             hidden = _activate(hidden, activation)
     y = hidden + q if residual else hidden
 
-    next_states, all_update_inputs = [], []
+    next_states, mixed_update = [], []
     keep = gates.state_decays[:, None, 0::2, None]  # (G, 1, 2, 1): [A_n, P_n]
     carry_momentum = gates.state_decays[:, 1, None, None]  # (G, 1, 1): E_n
     for layer, state in enumerate(states):
         _, d_out, _, d_in = state.shape
-        update_inputs = (gates.state_rows.unsqueeze(-1) * layer_inputs[layer].unsqueeze(-2)).view(groups, n, 2 * d_in)
         next_state = state * keep
         next_state[:, :, 0].addcmul_(state[:, :, 1], carry_momentum)
-        next_state.view(groups, d_out, 2 * d_in).baddbmm_(errors[layer].mT, update_inputs, alpha=-1)
+        if _mix_outputs(state):
+            mixed = errors[layer].unsqueeze(-1) * gates.state_rows.unsqueeze(-2)  # (G, n, d_out, 2)
+            next_state.view(groups, 2 * d_out, d_in).baddbmm_(mixed.view(groups, n, 2 * d_out).mT, layer_inputs[layer], alpha=-1)
+        else:
+            mixed = (gates.state_rows.unsqueeze(-1) * layer_inputs[layer].unsqueeze(-2)).view(groups, n, 2 * d_in)
+            next_state.view(groups, d_out, 2 * d_in).baddbmm_(errors[layer].mT, mixed, alpha=-1)
         next_states.append(next_state)
-        all_update_inputs.append(update_inputs)
+        mixed_update.append(mixed)
     saved = SavedChunk(
         list(states), layer_inputs, pre_activations, carried, errors,
-        retrieval_inputs, scaled_inputs, grams, scores, all_update_inputs, retrieval_pre_activations,
+        retrieval_inputs, mixed_retrieval, grams, scores, mixed_update, retrieval_pre_activations,
     )
     return y, next_states, saved
 
@@ -146,10 +165,18 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
         grad_state_decays += (grad.view(-1, 2, d_in) @ state.view(-1, 2, d_in).mT).view(groups, d_out, 2, 2).sum(1)
         grad_flat = grad.view(groups, d_out, 2 * d_in)
         layer_input = saved.layer_inputs[layer]
-        grad_errors.append(_minus_bmm(saved.update_inputs[layer], grad_flat.mT))  # (G, n, d_out)
-        grad_update_inputs = _minus_bmm(saved.errors[layer], grad_flat).view(groups, n, 2, d_in)
-        grad_inputs.append((grad_update_inputs * gates.state_rows.unsqueeze(-1)).sum(-2))
-        grad_state_rows += (grad_update_inputs * layer_input.unsqueeze(-2)).sum(-1)
+        mixed = saved.mixed_update[layer]
+        if _mix_outputs(state):
+            grad_rows_flat = grad.view(groups, 2 * d_out, d_in)
+            grad_mixed = _minus_bmm(layer_input, grad_rows_flat.mT).view(groups, n, d_out, 2)
+            grad_errors.append((grad_mixed * gates.state_rows.unsqueeze(-2)).sum(-1))
+            grad_state_rows += (grad_mixed * saved.errors[layer].unsqueeze(-1)).sum(-2)
+            grad_inputs.append(_minus_bmm(mixed.view(groups, n, 2 * d_out), grad_rows_flat))
+        else:
+            grad_errors.append(_minus_bmm(mixed, grad_flat.mT))  # (G, n, d_out)
+            grad_mixed = _minus_bmm(saved.errors[layer], grad_flat).view(groups, n, 2, d_in)
+            grad_inputs.append((grad_mixed * gates.state_rows.unsqueeze(-1)).sum(-2))
+            grad_state_rows += (grad_mixed * layer_input.unsqueeze(-2)).sum(-1)
 
     grad_retrieval_decays = torch.zeros_like(gates.retrieval_decays)
     grad_update_scores = torch.zeros_like(gates.update_scores)
@@ -163,10 +190,17 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
             grad_out = _activation_backward(grad_hidden, saved.retrieval_pre_activations[layer], activation)
         hidden = saved.retrieval_inputs[layer]
         if token_retrieval:
-            grad_states[layer].view(groups, d_out, 2 * d_in).baddbmm_(grad_out.mT, saved.scaled_inputs[layer])
-            grad_scaled = (grad_out @ state.view(groups, d_out, 2 * d_in)).view(groups, n, 2, d_in)
-            grad_retrieval_decays += (grad_scaled * hidden.unsqueeze(-2)).sum(-1)
-            grad_hidden = (grad_scaled * gates.retrieval_decays.unsqueeze(-1)).sum(-2)
+            mixed = saved.mixed_retrieval[layer]
+            if _mix_outputs(state):
+                grad_retrieval_decays += (mixed * grad_out.unsqueeze(-1)).sum(-2)
+                grad_mixed = (grad_out.unsqueeze(-1) * gates.retrieval_decays.unsqueeze(-2)).view(groups, n, 2 * d_out)
+                grad_states[layer].view(groups, 2 * d_out, d_in).baddbmm_(grad_mixed.mT, hidden)
+                grad_hidden = grad_mixed @ state.view(groups, 2 * d_out, d_in)
+            else:
+                grad_states[layer].view(groups, d_out, 2 * d_in).baddbmm_(grad_out.mT, mixed)
+                grad_mixed = (grad_out @ state.view(groups, d_out, 2 * d_in)).view(groups, n, 2, d_in)
+                grad_retrieval_decays += (grad_mixed * hidden.unsqueeze(-2)).sum(-1)
+                grad_hidden = (grad_mixed * gates.retrieval_decays.unsqueeze(-1)).sum(-2)
             minus_grad_scores = grad_out @ saved.errors[layer].mT
             grad_errors[layer].baddbmm_(saved.scores[layer].mT, grad_out, alpha=-1)
             grad_update_scores.addcmul_(minus_grad_scores, saved.grams[layer], value=-1)
