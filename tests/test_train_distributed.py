@@ -1,4 +1,5 @@
-"""The engine across processes: ZeRO 0-3 on 2 ranks follow 1 rank; bf16 learns; exact resume.
+"""The engine across processes: ZeRO 0-3, tp 2 and sp 2 on 2 ranks follow 1 rank; bf16 learns;
+exact resume.
 
 Each launch runs several trainings in turn (launches cost seconds, steps milliseconds). Every
 run uses the debug recipe (a 2-layer MAC model of width 32 on the built-in corpus) with 4
@@ -59,6 +60,9 @@ def layouts_rank(root: str, stages: list[int]) -> dict:
                                          f"train.steps={STEPS}")
     if world > 1:
         _, out["bf16"] = _losses(root / "bf16", "train.precision=bf16", "parallel.zero_stage=2", "train.steps=12")
+        for layout in ("tp", "sp"):  # tensor / sequence parallelism from titans_train.parallel
+            _, out[layout] = _losses(root / layout, f"parallel.{layout}={world}", "parallel.zero_stage=1",
+                                     f"train.steps={STEPS}")
     return out
 
 
@@ -90,7 +94,7 @@ def _assert_close(actual: list[float], expected: list[float], label: str) -> Non
 
 
 @pytest.mark.slow
-def test_zero_stages_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_path):
+def test_zero_stages_and_tp_sp_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_path):
     stages = [0, 1, 2, 3]
     (single,) = run_distributed("test_train_distributed:layouts_rank", 1, 240, init_process_group=False,
                                 root=str(tmp_path / "one"), stages=[0])
@@ -101,6 +105,8 @@ def test_zero_stages_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_path):
     for stage in stages:
         assert two[0][f"zero{stage}"] == two[1][f"zero{stage}"]  # every rank logs the global loss
         _assert_close(two[0][f"zero{stage}"], reference, f"ZeRO {stage}, 2 ranks vs 1")
+    for layout in ("tp", "sp"):
+        _assert_close(two[0][layout], reference, f"parallel.{layout}=2 with ZeRO 1 vs 1 rank")
     bf16 = two[0]["bf16"]
     assert all(map(lambda x: x == x, bf16)), bf16  # finite
     assert sum(bf16[-3:]) / 3 < sum(bf16[:3]) / 3 - 0.1, bf16

@@ -63,7 +63,10 @@ class SimulatedCrash(RuntimeError):
 
 
 def crash_rank(run_dir: str) -> dict:
-    """Checkpoints every 2 steps; the save at step 4 dies after DeepSpeed wrote its files."""
+    """Checkpoints every 2 steps; the save at step 4 dies after DeepSpeed wrote its files.
+
+    Then: resume, resume past a damaged checkpoint, and a run whose weights turn NaN.
+    """
     from titans_train.train.trainer import Trainer, train
 
     config = _config("debug", Path(run_dir), "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2")
@@ -94,12 +97,25 @@ def crash_rank(run_dir: str) -> dict:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     fallback = train(_config("debug", Path(run_dir), "train.steps=8", "checkpoint.interval=2",
                              "checkpoint.keep_last=2"))
+
+    def poison_weights_after_step_2(trainer: Trainer, step: int) -> None:
+        if step == 2:
+            with torch.no_grad():
+                next(trainer.engine.module.parameters()).fill_(float("nan"))
+
+    import torch
+
+    diverging_dir = Path(run_dir) / "diverging"
+    diverged = train(_config("debug", diverging_dir, "train.steps=6", "checkpoint.interval=2"),
+                     hooks=[poison_weights_after_step_2])
     return {"after_crash": after_crash, "resumed_from": resumed.resumed_from, "resumed_losses": resumed.losses,
-            "damaged": newest.name, "fallback_from": fallback.resumed_from, "fallback_losses": fallback.losses}
+            "damaged": newest.name, "fallback_from": fallback.resumed_from, "fallback_losses": fallback.losses,
+            "diverged_code": diverged.exit_code, "diverged_steps": sorted(diverged.losses),
+            "diverged_checkpoints": sorted(p.name for p in (diverging_dir / "checkpoints").iterdir())}
 
 
 @pytest.mark.slow
-def test_checkpoint_cut_short_is_never_latest_and_a_damaged_one_falls_back(tmp_path):
+def test_checkpoint_cut_short_is_never_latest_damaged_falls_back_nan_stops(tmp_path):
     (result,) = run_distributed("test_train_loop:crash_rank", 1, 300, init_process_group=False,
                                 run_dir=str(tmp_path))
     after_crash = result["after_crash"]
@@ -111,6 +127,11 @@ def test_checkpoint_cut_short_is_never_latest_and_a_damaged_one_falls_back(tmp_p
     assert result["damaged"] == "step000000006"
     assert result["fallback_from"].endswith("step000000004")  # the previous complete one
     assert sorted(result["fallback_losses"]) == [5, 6, 7, 8]
+    # A run whose loss turns NaN stops at that step and writes no checkpoint from then on.
+    from titans_train.train.trainer import EXIT_DIVERGED
+
+    assert result["diverged_code"] == EXIT_DIVERGED and result["diverged_steps"] == [1, 2, 3]
+    assert result["diverged_checkpoints"] == ["latest", "step000000002"]
 
 
 def test_checkpoint_manager_verifies_manifests(tmp_path):

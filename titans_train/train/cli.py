@@ -1,7 +1,8 @@
 """`titans-train train RECIPE [key=value ...]`: pretrain from a recipe, one process or N (torchrun).
 
-Exit codes: 0 done, 2 configuration error (nothing started), 75 stopped by SIGTERM/SIGUSR1 after
-saving a checkpoint (requeue the job; it resumes from that checkpoint).
+Exit codes: 0 done, 2 configuration error (nothing started), 3 the loss diverged (NaN/inf; stopped
+without saving), 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue the job; it
+resumes from that checkpoint).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
 
 
 def deepspeed_config(config: DictConfig, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config. Its data-parallel world is dp x sp (the mpu's gradient group): the sp
+    ranks of a replica share their samples, so its batch size counts each sample sp times."""
     train = config.train
     zero: dict[str, Any] = {"stage": config.parallel.zero_stage}
     if config.parallel.zero_stage == 3:
@@ -38,7 +40,7 @@ def deepspeed_config(config: DictConfig, plan: BatchPlan, load_universal: bool =
         # by size thresholds that only matter on large models.
         zero.update(stage3_param_persistence_threshold=0)
     ds: dict[str, Any] = {
-        "train_batch_size": plan.global_batch_samples,
+        "train_batch_size": plan.global_batch_samples * config.parallel.sp,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "gradient_clipping": train.grad_clip,

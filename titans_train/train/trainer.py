@@ -42,6 +42,7 @@ from titans_train.train.objective import LanguageModelObjective
 from titans_train.train.run_data import RunData, build_run_data
 
 EXIT_OK = 0
+EXIT_DIVERGED = 3  # the loss became NaN/inf: stopped without saving (the last checkpoint is sane)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -139,7 +140,16 @@ class Trainer:
 
         self.titans_config = titans_config
         model = TitansLM(titans_config)
-        objective = LanguageModelObjective(model, config.parallel.activation_checkpointing)
+        self.model_parallel = self.context.tp_size > 1 or self.context.sp_size > 1
+        if self.model_parallel:
+            # Tensor parallelism shards the built model in place; sequence parallelism lives in
+            # the objective, which relays the layer states between span owners.
+            from titans_train.parallel.parallelize import ParallelObjective, parallelize
+
+            parallelize(model, config.parallel, self.context)
+            objective = ParallelObjective(model, self.context, config.parallel.activation_checkpointing)
+        else:
+            objective = LanguageModelObjective(model, config.parallel.activation_checkpointing)
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
                                              rank=self.context.rank, world_size=self.context.data_world_size
                                              * self.context.tp_size * self.context.sp_size,
@@ -182,15 +192,25 @@ class Trainer:
     def _next_micro_batch(self) -> torch.Tensor:
         return next(self.train_batches).to(self.device, non_blocking=True)
 
+    def _forward(self, tokens: torch.Tensor):
+        """(what to back-propagate, the micro-batch's loss, what to call after backward)."""
+        if self.model_parallel:
+            step = self.engine(tokens)  # a StepLoss: its loss is already the global mean
+            return step.objective, step.loss, step.relay.finish
+        loss, _ = self.engine(tokens)
+        return loss, loss, lambda: None
+
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (global mean loss, lr used)."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), dtype=torch.float64)
         self.grad_norm = None
         for _ in range(self.plan.gradient_accumulation_steps):
-            loss, _ = self.engine(self._next_micro_batch())
-            self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary() and self.config.parallel.zero_stage == 0:
+            objective, loss, finish = self._forward(self._next_micro_batch())
+            self.engine.backward(objective)
+            finish()
+            if (self.engine.is_gradient_accumulation_boundary() and self.config.parallel.zero_stage == 0
+                    and self.context.tp_size == 1):
                 self.grad_norm = self._replicated_grad_norm()
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
@@ -215,7 +235,8 @@ class Trainer:
         total = 0.0
         batches = self.data.validation_batches()
         for _ in range(self.config.train.eval_batches):
-            loss, _ = self.engine(next(batches).to(self.device))
+            _, loss, finish = self._forward(next(batches).to(self.device))
+            finish()
             total += float(loss)
         self.engine.train()
         return all_reduce_mean(total / self.config.train.eval_batches, group=self.context.gradient_group)
@@ -262,7 +283,8 @@ class Trainer:
         total = plan.total_steps
         self.logger.info(
             f"{config.name}: {self.titans_config.variant} model, "
-            f"{sum(p.numel() for p in self.engine.module.parameters()) / 1e6:.2f}M parameters | "
+            f"{sum(p.numel() for p in self.engine.module.parameters()) / 1e6:.2f}M parameters"
+            f"{' on this rank' if self.model_parallel else ''} | "
             f"{total} steps x {plan.tokens_per_step} tokens | micro batch {config.train.micro_batch_size} x "
             f"{plan.data_parallel_size} ranks x {plan.gradient_accumulation_steps} accumulation | "
             f"ZeRO {config.parallel.zero_stage}, {config.train.precision}"
@@ -283,6 +305,11 @@ class Trainer:
             self.result.losses[self.step] = loss
             for hook in self.hooks:
                 hook(self, self.step)
+            if not math.isfinite(loss):  # the same on every rank: the loss is all-reduced
+                self.logger.warning(f"loss is {loss} at step {self.step}: stopping without saving; the last "
+                                    "checkpoint predates the divergence (lower train.lr or model.theta_max)")
+                self.result.exit_code = EXIT_DIVERGED
+                break
             stopping = all_reduce_max_flag(stop.signal_number is not None)
             last = self.step == total
             if self.step % config.logging.interval == 0 or last or stopping:
@@ -294,7 +321,8 @@ class Trainer:
                     values["train/grad_norm"] = grad_norm
                 self.logger.metrics(self.step, values)
             telemetry_every = config.logging.telemetry_interval
-            if telemetry_every and self.step % telemetry_every == 0 and self.titans_config.has_memory:
+            if (telemetry_every and self.step % telemetry_every == 0 and self.titans_config.has_memory
+                    and not self.model_parallel):
                 self.logger.metrics(self.step, self.telemetry())
             if config.train.eval_interval and self.step % config.train.eval_interval == 0 and not last:
                 self._log_validation("periodic")
@@ -306,8 +334,6 @@ class Trainer:
             if config.checkpoint.interval and self.step % config.checkpoint.interval == 0 and not last:
                 self.save()
                 saved_at = self.step
-            if not math.isfinite(loss):
-                self.logger.warning(f"non-finite loss {loss} at step {self.step}")
         else:
             self._log_validation("end")
             if config.checkpoint.save_final and saved_at != self.step:
