@@ -24,6 +24,11 @@ import torch.distributed as dist
 
 from titans_train.parallel.layout import ParallelConfigError, ParallelLayout, RankCoordinates
 from titans_train.parallel.megatron_cpu import install_megatron_cpu_shim
+from titans_train.parallel.validation import (
+    validate_sequence_parallel,
+    validate_tensor_parallel,
+    validate_zero_stage,
+)
 
 # megatron-core's rank order: tp fastest, then cp (our sp), then ep (1) and dp, pp (1) last.
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"
@@ -55,25 +60,23 @@ class ParallelContext:
 
     @classmethod
     def initialize(cls, tp: int = 1, sp: int = 1, *, model_config=None,
-                   seq_len: int | None = None) -> ParallelContext:
+                   seq_len: int | None = None, zero_stage: int | None = None) -> ParallelContext:
         """Validate (tp, sp) against the world, then build the groups with megatron-core.
 
         With `model_config` (a TitansConfig) and `seq_len`, the head counts and span lengths are
-        validated too, all before any group is created. Call after
+        validated too, and with `zero_stage` its compatibility with sp, all before any group is
+        created. Call after
         `torch.distributed.init_process_group` (or `deepspeed.init_distributed`); in a single
         process without it, only tp = sp = 1 is valid and no groups are built.
         """
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
         if model_config is not None:
-            from titans_train.parallel.validation import (
-                validate_sequence_parallel,
-                validate_tensor_parallel,
-            )
-
             validate_tensor_parallel(model_config, tp)
             if seq_len is not None:
                 validate_sequence_parallel(model_config, sp, seq_len)
+        if zero_stage is not None:
+            validate_zero_stage(zero_stage, sp)
         if not dist.is_initialized():
             return cls(layout=layout, rank=0)
 

@@ -35,7 +35,7 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
 
 
 def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
-                  activation_checkpointing: bool = False) -> StepLoss:
+                  activation_checkpointing: bool = False, return_telemetry: bool = False) -> StepLoss:
     """Loss of this replica's micro-batch `tokens` (B, T+1) under any (tp, sp) layout."""
     tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
     if tensor_parallel_size != context.tp_size:
@@ -45,7 +45,8 @@ def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
     def loss_fn(logits, labels):
         return token_losses(logits, labels, tensor_parallel_size)
 
-    return sequence_parallel_loss(model, tokens, context, loss_fn, activation_checkpointing)
+    return sequence_parallel_loss(model, tokens, context, loss_fn, activation_checkpointing,
+                                  return_telemetry)
 
 
 class ParallelObjective(nn.Module):
@@ -64,5 +65,6 @@ class ParallelObjective(nn.Module):
         self.context = context
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, tokens) -> StepLoss:
-        return parallel_loss(self.model, tokens, self.context, self.activation_checkpointing)
+    def forward(self, tokens, return_telemetry: bool = False) -> StepLoss:
+        return parallel_loss(self.model, tokens, self.context, self.activation_checkpointing,
+                             return_telemetry)

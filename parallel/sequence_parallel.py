@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
 from titans_train.parallel.relay import StateRelay
+from titans_train.parallel.validation import validate_zero_stage
 
 
 @dataclass
@@ -34,6 +35,9 @@ class StepLoss:
     objective: torch.Tensor  # what this rank back-propagates (scaled, relay zeros included)
     loss: torch.Tensor  # detached: the mean token loss of the global batch (all replicas)
     relay: StateRelay  # call relay.finish() after backward
+    # With return_telemetry: the model's per-layer memory statistics over this rank's span and
+    # heads (detached scalars), else None.
+    telemetry: dict[str, torch.Tensor] | None = None
 
 
 def span_bounds(seq_len: int, context: ParallelContext) -> tuple[int, int]:
@@ -49,7 +53,8 @@ def span_bounds(seq_len: int, context: ParallelContext) -> tuple[int, int]:
 
 
 def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRelay,
-                 anchor: torch.Tensor, activation_checkpointing: bool = False
+                 anchor: torch.Tensor, activation_checkpointing: bool = False,
+                 telemetry: dict[str, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of this rank's span (B, S, V_local), and the sum of the relay zeros (0-dim).
 
@@ -73,37 +78,41 @@ def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRela
             for tensor in initial.values():
                 if tensor.requires_grad:
                     relay_zeros = relay_zeros + tensor.sum() * 0
-        if activation_checkpointing and torch.is_grad_enabled():
+        if activation_checkpointing and torch.is_grad_enabled() and telemetry is None:
             hidden, outgoing = checkpoint(layer, hidden, incoming, position, use_reentrant=False)
         else:
-            hidden, outgoing = layer(hidden, incoming, position)
+            hidden, outgoing = layer(hidden, incoming, position, telemetry)
         if relay.next_rank is not None:
             relay_zeros = relay_zeros + relay.send(outgoing, anchor)
     return model.final_logits(hidden), relay_zeros
 
 
 def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext,
-                           token_loss_fn, activation_checkpointing: bool = False) -> StepLoss:
+                           token_loss_fn, activation_checkpointing: bool = False,
+                           return_telemetry: bool = False) -> StepLoss:
     """Forward of this rank's span of `tokens` (B, T+1): inputs tokens[:, :-1], labels [:, 1:].
 
     `token_loss_fn(logits, labels) -> (B, S)` per-token losses (vocab-parallel under tp).
     Every rank of a replica passes the same `tokens`; each takes its own span.
     """
+    if context.sp_size > 1 and any(hasattr(p, "ds_status") for p in model.parameters()):
+        validate_zero_stage(3, context.sp_size)  # parameters partitioned by ZeRO-3: refuse
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch, seq_len = inputs.shape
     start, stop = span_bounds(seq_len, context)
     relay = StateRelay(context.sp_previous_rank, context.sp_next_rank)
     parameter = next(model.parameters())
     anchor = torch.zeros((), dtype=parameter.dtype, device=parameter.device, requires_grad=True)
+    telemetry = {} if return_telemetry else None
     logits, relay_zeros = forward_span(model, inputs[:, start:stop], start, relay, anchor,
-                                       activation_checkpointing)
+                                       activation_checkpointing, telemetry)
     span_loss_sum = token_loss_fn(logits, labels[:, start:stop]).float().sum()
     objective = span_loss_sum * (context.sp_size / (batch * seq_len)) + relay_zeros
     total = span_loss_sum.detach().clone()
     if context.gradient_group is not None:
         dist.all_reduce(total, group=context.gradient_group)
     loss = total / (batch * seq_len * context.data_world_size)
-    return StepLoss(objective=objective, loss=loss, relay=relay)
+    return StepLoss(objective=objective, loss=loss, relay=relay, telemetry=telemetry)
 
 
 def average_gradients(model, context: ParallelContext) -> None:

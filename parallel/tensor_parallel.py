@@ -64,6 +64,7 @@ TP_PLAN: dict[str, str] = {
     "layers.*.mixer.memory_out_proj": "row",  # mal: memory heads -> attention input
     # mac: y feeds the memory (full width) and the head-local product y * M(y); see below
     "layers.*.mixer.attention_out_proj": "row_to_local_channels",
+    "layers.*.mixer.y_norm.weight": "heads",  # (Hm, d): mac normalises y per memory head
     # gated output of every mixer
     "layers.*.mixer.output.norm.weight": "heads",  # (H, d)
     "layers.*.mixer.output.gate_proj": "column",

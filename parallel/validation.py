@@ -55,10 +55,24 @@ def validate_sequence_parallel(model_config, sp: int, seq_len: int) -> None:
             )
 
 
+def validate_zero_stage(zero_stage: int, sp: int) -> None:
+    """ZeRO-3 gathers each layer's parameters with a collective over dp x sp just before the
+    layer runs; span owners run a layer at different times (the wavefront), so with sp > 1 rank
+    r would wait in that gather for rank r+1, which waits in its receive for rank r."""
+    if zero_stage == 3 and sp > 1:
+        raise ParallelConfigError(
+            "parallel.zero_stage",
+            f"ZeRO-3 cannot be combined with parallel.sp = {sp} (its per-layer parameter gathers "
+            "over dp x sp deadlock against the sequence wavefront). Use parallel.zero_stage 1 or 2 "
+            "with sequence parallelism, or parallel.sp = 1 (use parallel.tp to cut parameter memory).",
+        )
+
+
 def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int,
-                             seq_len: int) -> ParallelLayout:
+                             seq_len: int, zero_stage: int = 0) -> ParallelLayout:
     """All checks at once; returns the (tp, sp, dp) layout. Call before creating process groups."""
     layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
     validate_tensor_parallel(model_config, tp)
     validate_sequence_parallel(model_config, sp, seq_len)
+    validate_zero_stage(zero_stage, sp)
     return layout

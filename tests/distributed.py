@@ -54,6 +54,16 @@ def resolve_target(target: str | Callable[..., Any]) -> Callable[..., Any]:
     return obj
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank if the launching process dies (e.g. killed by an outer timeout
+    before its cleanup ran), so no orphaned rank keeps waiting in a collective."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _child_main(
     rank: int,
     world_size: int,
@@ -64,6 +74,7 @@ def _child_main(
     results: multiprocessing.Queue,
 ) -> None:
     os.setsid()  # own process group: the parent kills everything this rank starts
+    _die_with_parent()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

@@ -78,10 +78,18 @@ def check_plain_layouts(layouts):
             step.relay.finish()
             average_gradients(model, context)
             grad_error, grad_name = worst(gather_full_gradients(model, context), expected_grads)
+            # evaluation path: no autograd through the relay, telemetry from every layer
+            with torch.no_grad():
+                evaluation = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank],
+                                           context, return_telemetry=True)
+                evaluation.relay.finish()
+                expected_telemetry = reference(tokens[:1, :-1], return_telemetry=True).telemetry
             layout = f"tp={tp} sp={sp} dp={context.layout.dp}" + " ckpt" * activation_checkpointing
             records.append(dict(layout=layout, variant=variant,
-                                loss_error=relative_error(step.loss, expected_loss.detach()),
-                                grad_error=grad_error, grad_name=grad_name))
+                                loss_error=max(relative_error(step.loss, expected_loss.detach()),
+                                               relative_error(evaluation.loss, expected_loss.detach())),
+                                grad_error=grad_error, grad_name=grad_name,
+                                telemetry_keys=(sorted(evaluation.telemetry), sorted(expected_telemetry))))
     ParallelContext.destroy()
     return records
 
@@ -211,6 +219,10 @@ def check_resume(tp, sp, stage, directory, variant="mac"):
 
 
 def assert_records(records):
+    for record in records:
+        if "telemetry_keys" in record:
+            got, expected = record["telemetry_keys"]
+            assert got == expected, record
     failures = [r for r in records if max(r["loss_error"], r["grad_error"], r.get("param_error", 0.0)) > TOLERANCE]
     assert not failures, "\n".join(str(r) for r in failures)
     return max(max(r["loss_error"], r["grad_error"], r.get("param_error", 0.0)) for r in records)
