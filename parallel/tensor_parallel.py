@@ -186,8 +186,8 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                           plan: dict[str, str] = TP_PLAN) -> nn.Module:
     """Shard `model` (a built TitansLM) in place for this rank's tp coordinate; returns it.
 
-    Order: validate, replace modules (linear layers, embedding, head), split per-head
-    parameters, rewrite head counts, then check that every parameter is covered by the plan.
+    Order: validate the head counts and that the plan covers every parameter, replace modules
+    (linear layers, embedding, head), split per-head parameters, rewrite head counts.
     """
     tp = context.tp_size
     model.tensor_parallel_size = tp
@@ -197,6 +197,12 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
     from titans_train.parallel.validation import validate_tensor_parallel
 
     validate_tensor_parallel(model.config, tp)
+    # Before touching anything: a parameter the plan does not name would silently stay whole.
+    uncovered = [path for path, _ in model.named_parameters()
+                 if plan_style(path, plan) is None
+                 and plan_style(path.rpartition(".")[0], plan) is None]
+    if uncovered:
+        raise RuntimeError(f"TP_PLAN does not say how to split {uncovered}; add them to the plan")
     install_megatron_cpu_shim()
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
@@ -265,12 +271,6 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
         for attribute in HEAD_COUNT_ATTRIBUTES:
             if isinstance(getattr(module, attribute, None), int):
                 setattr(module, attribute, getattr(module, attribute) // tp)
-
-    uncovered = [path for path, _ in model.named_parameters()
-                 if plan_style(path, plan) is None
-                 and plan_style(path.rpartition(".")[0], plan) is None]
-    if uncovered:
-        raise RuntimeError(f"TP_PLAN does not say how to split {uncovered}; add them to the plan")
     return model
 
 
