@@ -157,3 +157,12 @@ def test_model_info_cli(capsys):
     assert cli_main(["model", "info", "mac-760m"]) == 0
     out = capsys.readouterr().out
     assert "parameters:" in out and "FLOPs/token" in out
+
+
+def test_train_cli_fails_before_any_work(capsys, tmp_path):
+    import torch.distributed as dist
+
+    code = cli_main(["train", "debug", f"run_dir={tmp_path / 'run'}", "train.micro_batch_size=3"])
+    assert code == 2
+    assert "train.global_batch_tokens" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not dist.is_initialized()
