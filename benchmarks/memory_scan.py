@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/memory_scan.py [--batch 2 --heads 4 --seq-len 2048 --dim 64 ...]
 
 Prints tokens/s (B*T tokens per forward+backward), achieved GFLOP/s from `scan_flops`, that as a
-fraction of the median GFLOP/s of a large fp32 torch.matmul measured in the same process with the
-same thread count, the peak memory of one step, and the speed-up over the token-by-token oracle
+fraction of the GFLOP/s of a large fp32 torch.matmul timed alternately with it in the same process
+with the same thread count, the peak memory of one step, and the speed-up over the token-by-token oracle
 at a small size. Medians of --repeats timed runs after warm-up; the CPU may be shared, so run it
 a few times.
 """
@@ -81,20 +81,36 @@ def forward_backward(scan, inputs, options):
     loss.backward()
 
 
+def seconds(step):
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
 def median_seconds(step, repeats, warmup):
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return statistics.median(seconds(step) for _ in range(repeats))
+
+
+def interleaved_gflops(step, step_flops, repeats, warmup, matmul_size=2048):
+    """Median GFLOP/s of `step` and of a large fp32 matmul, timed alternately, and the median of
+    the per-pair ratios: on a shared machine the load drifts, and a pair sees about the same load."""
+    a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
+    matmul_flops = 2 * matmul_size**3
+
+    def matmul():
+        a @ b
+
+    for _ in range(warmup):
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_peak_gflops(size=2048, repeats=10):
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats, warmup=2) / 1e9
+        matmul()
+    step_rates, matmul_rates = [], []
+    for _ in range(repeats):
+        step_rates.append(step_flops / seconds(step) / 1e9)
+        matmul_rates.append(matmul_flops / seconds(matmul) / 1e9)
+    ratios = [s / m for s, m in zip(step_rates, matmul_rates)]
+    return statistics.median(step_rates), statistics.median(matmul_rates), statistics.median(ratios)
 
 
 def max_rss_mib():
@@ -135,10 +151,11 @@ def main():
     forward_backward(memory_scan, inputs, options)
     step_peak_mib = max_rss_mib() - rss_before
 
-    seconds = median_seconds(lambda: forward_backward(memory_scan, inputs, options), args.repeats, args.warmup)
     flops = scan_flops(args.batch, args.heads, args.seq_len, widths, args.chunk_size, args.retrieve)
-    achieved = flops / seconds / 1e9
-    peak = matmul_peak_gflops()
+    achieved, peak, fraction = interleaved_gflops(
+        lambda: forward_backward(memory_scan, inputs, options), flops, args.repeats, args.warmup
+    )
+    step_seconds = flops / achieved / 1e9
 
     small = make_inputs(args.batch, args.heads, args.oracle_seq_len, args.dim, widths)
     small_options = dict(options, chunk_size=min(args.chunk_size, args.oracle_seq_len))
@@ -152,12 +169,12 @@ def main():
         f"chunk={args.chunk_size} retrieve={args.retrieve} threads={torch.get_num_threads()}"
         f"{' flush-denormal' if args.flush_denormal else ''}"
     )
-    print(f"  time per step       {seconds * 1e3:9.1f} ms (median of {args.repeats})")
-    print(f"  tokens/s            {tokens / seconds:9.0f}")
+    print(f"  time per step       {step_seconds * 1e3:9.1f} ms (median of {args.repeats})")
+    print(f"  tokens/s            {tokens / step_seconds:9.0f}")
     print(f"  analytic GFLOP      {flops / 1e9:9.2f}")
     print(f"  achieved GFLOP/s    {achieved:9.1f}")
-    print(f"  matmul peak GFLOP/s {peak:9.1f} (2048^3 fp32 torch.matmul, median)")
-    print(f"  fraction of peak    {achieved / peak:9.1%}")
+    print(f"  matmul peak GFLOP/s {peak:9.1f} (2048^3 fp32 torch.matmul, timed alternately, median)")
+    print(f"  fraction of peak    {fraction:9.1%} (median of the per-pair ratios)")
     print(f"  step peak memory    {step_peak_mib:9.1f} MiB (ru_maxrss delta over the first step)")
     print(
         f"  oracle T={args.oracle_seq_len}: {oracle_seconds * 1e3:.1f} ms, chunked {chunked_seconds * 1e3:.1f} ms, "

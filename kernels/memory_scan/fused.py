@@ -145,14 +145,21 @@ def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, tok
     return y, next_states, saved
 
 
-def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, activation, residual, token_retrieval):
-    """Gradients of one chunk's inputs from those of its outputs (y and the next states)."""
+def _backward_chunk(
+    saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, grad_qkv, grad_gates: ChunkGates,
+    activation, residual, token_retrieval,
+):
+    """Gradients of one chunk's inputs from those of its outputs (y and the next states).
+
+    Writes the gradients of q, k, v into `grad_qkv` and accumulates those of the gates into the
+    zero-filled `grad_gates` (views of the whole-sequence buffers); returns those of the states.
+    """
     states = saved.states
     depth = len(states)
     groups, n, _ = grad_y.shape
     grad_states, grad_errors, grad_inputs = [], [], []
     grad_state_decays = grad_y.new_zeros(groups, 2, 2)
-    grad_state_rows = torch.zeros_like(gates.state_rows)
+    grad_state_rows = grad_gates.state_rows
     keep = gates.state_decays[:, None, 0::2, None]
     carry_momentum = gates.state_decays[:, 1, None, None]
     # The state update: next = [A_n W + E_n S, P_n S] - delta^T [C_n theta a, D_eta,n theta a].
@@ -178,8 +185,8 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
             grad_inputs.append((grad_mixed * gates.state_rows.unsqueeze(-1)).sum(-2))
             grad_state_rows += (grad_mixed * layer_input.unsqueeze(-2)).sum(-1)
 
-    grad_retrieval_decays = torch.zeros_like(gates.retrieval_decays)
-    grad_update_scores = torch.zeros_like(gates.update_scores)
+    grad_retrieval_decays = grad_gates.retrieval_decays
+    grad_update_scores = grad_gates.update_scores
     grad_hidden = grad_y
     for layer in range(depth - 1, -1, -1):
         state = states[layer]
@@ -210,7 +217,11 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
         else:
             grad_states[layer][:, :, 0].baddbmm_(grad_out.mT, hidden)
             grad_hidden = grad_out @ state[:, :, 0]
-    grad_q = grad_hidden + grad_y if residual else grad_hidden
+    grad_q, grad_k, grad_v = grad_qkv
+    if residual:
+        torch.add(grad_hidden, grad_y, out=grad_q)
+    else:
+        grad_q.copy_(grad_hidden)
 
     # The errors: delta_l = (delta_{l+1} W_{l+1}) * act'(z_l).
     grad_pre_activations = []
@@ -225,8 +236,9 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
 
     # The store pass: out = M_W(k), delta_L = out - v.
     grad_pre = grad_errors[-1]
-    grad_v = -grad_pre
-    grad_k = grad_pre.clone() if residual else torch.zeros_like(grad_pre)
+    torch.neg(grad_pre, out=grad_v)
+    if residual:
+        grad_k.copy_(grad_pre)
     for layer in range(depth - 1, -1, -1):
         weight = states[layer][:, :, 0]
         grad_states[layer][:, :, 0].baddbmm_(grad_pre.mT, saved.layer_inputs[layer])
@@ -234,13 +246,12 @@ def _backward_chunk(saved: SavedChunk, grad_y, grad_next, gates: ChunkGates, act
         if layer > 0:
             grad_pre = _activation_backward(grad_input, saved.pre_activations[layer - 1], activation)
             grad_pre += grad_pre_activations[layer - 1]
-        else:
+        elif residual:
             grad_k += grad_input
-    grad_state_decays = torch.stack(
-        (grad_state_decays[:, 0, 0], grad_state_decays[:, 0, 1], grad_state_decays[:, 1, 1]), dim=-1
-    )
-    grad_gates = ChunkGates(grad_retrieval_decays, grad_update_scores, grad_state_decays, grad_state_rows)
-    return grad_q, grad_k, grad_v, grad_gates, grad_states
+        else:
+            grad_k.copy_(grad_input)
+    grad_gates.state_decays.copy_(grad_state_decays.view(groups, 4)[:, [0, 1, 3]])  # A_n, E_n, P_n
+    return grad_states
 
 
 def _chunk_gates(gates: ChunkGates, index: int, length: int) -> ChunkGates:
@@ -289,13 +300,11 @@ class FusedChunkedScan(torch.autograd.Function):
             start = index * chunk_size
             tokens = slice(start, min(start + chunk_size, seq_len))
             length = tokens.stop - start
-            chunk_q, chunk_k, chunk_v, chunk_gates, grad_states = _backward_chunk(
-                saved_chunks[index], grad_y[:, tokens], grad_states,
-                _chunk_gates(gates, index, length), activation, residual, token_retrieval,
+            grad_states = _backward_chunk(
+                saved_chunks[index], grad_y[:, tokens], grad_states, _chunk_gates(gates, index, length),
+                (grad_q[:, tokens], grad_k[:, tokens], grad_v[:, tokens]), _chunk_gates(grad_gates, index, length),
+                activation, residual, token_retrieval,
             )
-            grad_q[:, tokens], grad_k[:, tokens], grad_v[:, tokens] = chunk_q, chunk_k, chunk_v
-            for grad_gate, chunk_grad in zip(_chunk_gates(grad_gates, index, length), chunk_gates):
-                grad_gate.copy_(chunk_grad)
         return (None, grad_q, grad_k, grad_v, *grad_gates, *grad_states)
 
 
