@@ -45,10 +45,11 @@ class TitansConfig:
     retrieve: str = "token"
     conv_kernel: int = 4
     # Inner learning rate theta = theta_max * sigmoid(.). A chunk sums up to chunk_size gradients
-    # taken at the same weights, so when its keys align (MAC at init: attention averages) one
-    # chunk steps by ~ theta * chunk_size / (1 - eta); 0.01 stays stable at chunk 64 where 0.03
-    # diverged (docs/model.md). Scale theta_max ~ 1 / chunk_size when changing chunk_size.
-    theta_max: float = 0.01
+    # taken at the same weights, so when its keys align one chunk steps by ~ theta * chunk_size /
+    # (1 - eta), and training pushes eta towards 1. At chunk 64, 0.03 diverged for MAC and 0.01
+    # for MAL; 0.002 trained as well and stayed finite (docs/model.md, "Stability").
+    # Scale theta_max ~ 1 / chunk_size when changing chunk_size.
+    theta_max: float = 0.002
     theta_bias_init: float = 0.0
     eta_bias_init: float = 0.0
     alpha_bias_init: float = -5.0
