@@ -284,3 +284,29 @@ def test_bad_input_raises_a_clear_error(problem):
     tensors = [arguments.pop(name) for name in (*INPUT_NAMES, "weights", "momentum")]
     with pytest.raises(ValueError, match=message):
         memory_scan(*tensors, **arguments)
+
+
+def test_inference_mode_gives_the_same_result():
+    """Without autograd the fused kernel keeps no intermediates; the values must not change."""
+    tensors, weights, momentum = make_inputs(13, 2, torch.float64, seed=21)
+    options = dict(chunk_size=4, retrieve="token")
+    y, (weights_out, momentum_out) = memory_scan(*tensors, weights, momentum, **options)
+    with torch.no_grad():
+        y_no_grad, (weights_no_grad, momentum_no_grad) = memory_scan(*tensors, weights, momentum, **options)
+    for actual, expected in zip((y_no_grad, *weights_no_grad, *momentum_no_grad), (y, *weights_out, *momentum_out)):
+        assert torch.equal(actual, expected)
+
+
+def test_mixed_dtypes_keep_each_output_in_its_input_dtype():
+    """bf16 activations with fp32 memory weights (autocast-style) compute in fp32."""
+    tensors, weights, momentum = make_inputs(9, 2, torch.float32, seed=22)
+    y, (weights_out, momentum_out) = memory_scan(
+        *(x.bfloat16() for x in tensors), weights, momentum, chunk_size=4
+    )
+    assert y.dtype == torch.bfloat16
+    assert all(x.dtype == torch.float32 for x in weights_out + momentum_out)
+    expected, _ = memory_scan_sequential(
+        *(x.bfloat16().double() for x in tensors), tuple(w.double() for w in weights),
+        tuple(s.double() for s in momentum), chunk_size=4,
+    )
+    assert relative_error(y, expected) <= BF16_TOLERANCE

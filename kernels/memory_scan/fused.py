@@ -269,7 +269,7 @@ class FusedChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, options, q, k, v, retrieval_decays, update_scores, state_decays, state_rows, *states):
-        chunk_size, activation, residual, token_retrieval = options
+        chunk_size, activation, residual, token_retrieval, keep_saved = options
         gates = ChunkGates(retrieval_decays, update_scores, state_decays, state_rows)
         seq_len = q.shape[1]
         outputs, saved_chunks = [], []
@@ -280,7 +280,8 @@ class FusedChunkedScan(torch.autograd.Function):
                 _chunk_gates(gates, index, tokens.stop - start), activation, residual, token_retrieval,
             )
             outputs.append(y)
-            saved_chunks.append(saved)
+            if keep_saved:
+                saved_chunks.append(saved)
         ctx.options = options
         ctx.saved_chunks = saved_chunks
         ctx.save_for_backward(retrieval_decays, update_scores, state_decays, state_rows)
@@ -289,7 +290,7 @@ class FusedChunkedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, *grad_states):
-        chunk_size, activation, residual, token_retrieval = ctx.options
+        chunk_size, activation, residual, token_retrieval, _ = ctx.options
         gates = ChunkGates(*ctx.saved_tensors)
         saved_chunks = ctx.saved_chunks
         grad_q, grad_k, grad_v = (torch.empty_like(grad_y) for _ in range(3))
@@ -329,7 +330,10 @@ def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrie
     gates = (retrieval_decays, decays.update_scores, state_decays, state_rows)
     groups = batch * heads
     states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
-    options = (chunk_size, activation, residual, retrieve == "token")
+    tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
+    # Without a backward to come (inference, decoding), the intermediates are not kept.
+    keep_saved = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    options = (chunk_size, activation, residual, retrieve == "token", keep_saved)
     y, *states = FusedChunkedScan.apply(
         options, *(x.reshape(groups, seq_len, dim) for x in (q, k, v)), *(x.flatten(0, 1) for x in gates), *states
     )
