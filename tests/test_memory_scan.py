@@ -300,6 +300,7 @@ def test_inference_mode_gives_the_same_result():
 def test_mixed_dtypes_keep_each_output_in_its_input_dtype():
     """bf16 activations with fp32 memory weights (autocast-style) compute in fp32."""
     tensors, weights, momentum = make_inputs(9, 2, torch.float32, seed=22)
+    weights, momentum = tuple(w.float() for w in weights), tuple(s.float() for s in momentum)
     y, (weights_out, momentum_out) = memory_scan(
         *(x.bfloat16() for x in tensors), weights, momentum, chunk_size=4
     )
