@@ -100,7 +100,22 @@ class LMMMixer(nn.Module):
         return self.output(retrieved, x), _prefixed("memory", memory_state)
 
 
-class MAGMixer(nn.Module):
+class _WindowAndMemoryState:
+    """State of a mixer with a sliding-window `attention` and a chunk-blocked `memory` (mag, mal)."""
+
+    def state_shapes(self, batch_size: int, position: int) -> Shapes:
+        shapes = _prefixed("attention", self.attention.cached_state_shapes(batch_size, position, self.window))
+        shapes.update(_prefixed("memory", self.memory.state_shapes(batch_size, position, self.block_len)))
+        return shapes
+
+    def initial_state(self, batch_size: int, device, dtype) -> State:
+        state = _zeros(_prefixed("attention", self.attention.cached_state_shapes(batch_size, 0, self.window)),
+                       device, dtype)
+        state.update(_prefixed("memory", self.memory.initial_state(batch_size, device, dtype)))
+        return state
+
+
+class MAGMixer(_WindowAndMemoryState, nn.Module):
     """`mag`: sliding-window attention (persistent prefix) beside the memory on the same input.
 
     o = norm(y) * act(norm(m)) per channel, then the gate and projection. Attention heads and
@@ -117,17 +132,6 @@ class MAGMixer(nn.Module):
         self.memory_norm = HeadRMSNorm(config.memory_heads, config.memory_head_dim, config.norm_eps)
         self.output = GatedOutput(config.dim, config.n_heads, config.head_dim, config.norm_eps)
 
-    def state_shapes(self, batch_size: int, position: int) -> Shapes:
-        shapes = _prefixed("attention", self.attention.cached_state_shapes(batch_size, position, self.window))
-        shapes.update(_prefixed("memory", self.memory.state_shapes(batch_size, position, self.block_len)))
-        return shapes
-
-    def initial_state(self, batch_size: int, device, dtype) -> State:
-        state = _zeros(_prefixed("attention", self.attention.cached_state_shapes(batch_size, 0, self.window)),
-                       device, dtype)
-        state.update(_prefixed("memory", self.memory.initial_state(batch_size, device, dtype)))
-        return state
-
     def forward(self, x, state: State, position: int, stats=None):
         attended, attention_state = self.attention(x, _sub(state, "attention"), position, self.window)
         retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats)
@@ -142,7 +146,7 @@ class MAGMixer(nn.Module):
         return out, new_state
 
 
-class MALMixer(nn.Module):
+class MALMixer(_WindowAndMemoryState, nn.Module):
     """`mal`: the memory as a layer, then sliding-window attention (persistent prefix) on its output."""
 
     def __init__(self, config: TitansConfig):
@@ -154,9 +158,6 @@ class MALMixer(nn.Module):
         self.memory_out_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.attention = _attention(config)
         self.output = GatedOutput(config.dim, config.n_heads, config.head_dim, config.norm_eps)
-
-    state_shapes = MAGMixer.state_shapes
-    initial_state = MAGMixer.initial_state
 
     def forward(self, x, state: State, position: int, stats=None):
         retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats)
