@@ -119,12 +119,12 @@ class NeuralMemory(nn.Module):
 
         open_len = state["open_keys"].shape[2]
         # The open block's tokens are re-run; their queries are irrelevant (outputs discarded).
-        q_all = torch.cat([q.new_zeros(*q.shape[:2], open_len, q.shape[3]), q], dim=2)
-        k_all = torch.cat([state["open_keys"], k], dim=2)
-        v_all = torch.cat([state["open_values"], v], dim=2)
-        theta_all = torch.cat([state["open_theta"], theta], dim=2)
-        eta_all = torch.cat([state["open_eta"], eta], dim=2)
-        alpha_all = torch.cat([state["open_alpha"], alpha], dim=2)
+        q_all = _prepend(q.new_zeros(*q.shape[:2], open_len, q.shape[3]), q)
+        k_all = _prepend(state["open_keys"], k)
+        v_all = _prepend(state["open_values"], v)
+        theta_all = _prepend(state["open_theta"], theta)
+        eta_all = _prepend(state["open_eta"], eta)
+        alpha_all = _prepend(state["open_alpha"], alpha)
         total = q_all.shape[2]
         closed = total // block_len * block_len
 
@@ -157,6 +157,11 @@ class NeuralMemory(nn.Module):
         if stats is not None:
             stats.append(_memory_stats(theta, eta, alpha, incoming_weights, weights))
         return y, new_state
+
+
+def _prepend(open_part: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Concatenate along time (dim 2); skips the copy when no block is open."""
+    return new if open_part.shape[2] == 0 else torch.cat([open_part, new], dim=2)
 
 
 @torch.no_grad()
