@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from titans_train.config.errors import ConfigError, InvalidValueError, RecipeNotFoundError, UnknownKeyError, closest
+from titans_train.config.errors import InvalidValueError, RecipeNotFoundError, UnknownKeyError, closest
 from titans_train.config.schema import RunConfig
 
 BASE_KEY = "base"
@@ -184,7 +184,6 @@ def to_container(config: DictConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "ConfigError",
     "build_schema",
     "config_from_container",
     "list_recipes",
