@@ -128,6 +128,7 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--retrieve", choices=("token", "chunk"), default="token")
     parser.add_argument("--activation", choices=("silu", "gelu"), default="silu")
+    parser.add_argument("--implementation", choices=("fused", "autograd"), default="fused")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -142,7 +143,8 @@ def main():
     torch.manual_seed(0)
     widths = [args.dim] + [args.dim * args.expansion] * (args.depth - 1) + [args.dim]
     options = dict(
-        chunk_size=args.chunk_size, retrieve=args.retrieve, activation=args.activation, residual=True
+        chunk_size=args.chunk_size, retrieve=args.retrieve, activation=args.activation, residual=True,
+        implementation=args.implementation,
     )
 
     inputs = make_inputs(args.batch, args.heads, args.seq_len, args.dim, widths)
@@ -159,14 +161,15 @@ def main():
 
     small = make_inputs(args.batch, args.heads, args.oracle_seq_len, args.dim, widths)
     small_options = dict(options, chunk_size=min(args.chunk_size, args.oracle_seq_len))
-    oracle_seconds = median_seconds(lambda: forward_backward(memory_scan_sequential, small, small_options), 3, 1)
+    oracle_options = {name: x for name, x in small_options.items() if name != "implementation"}
+    oracle_seconds = median_seconds(lambda: forward_backward(memory_scan_sequential, small, oracle_options), 3, 1)
     chunked_seconds = median_seconds(lambda: forward_backward(memory_scan, small, small_options), 5, 1)
 
     tokens = args.batch * args.seq_len
     print(
         f"memory_scan fwd+bwd  B={args.batch} H={args.heads} T={args.seq_len} d={args.dim} "
         f"depth={args.depth} hidden={widths[1] if args.depth > 1 else args.dim} "
-        f"chunk={args.chunk_size} retrieve={args.retrieve} threads={torch.get_num_threads()}"
+        f"chunk={args.chunk_size} retrieve={args.retrieve} {args.implementation} threads={torch.get_num_threads()}"
         f"{' flush-denormal' if args.flush_denormal else ''}"
     )
     print(f"  time per step       {step_seconds * 1e3:9.1f} ms (median of {args.repeats})")
