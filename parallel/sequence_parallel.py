@@ -121,6 +121,9 @@ def average_gradients(model, context: ParallelContext) -> None:
         return
     size = context.layout.dp * context.layout.sp
     for parameter in model.parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad, group=context.gradient_group)
-            parameter.grad.div_(size)
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:  # every rank must join every reduction, in the same order
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad, group=context.gradient_group)
+        parameter.grad.div_(size)
