@@ -16,6 +16,7 @@ class ParallelConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.reason = message
         super().__init__(f"{key}: {message}")
 
 

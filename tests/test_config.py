@@ -125,7 +125,7 @@ def test_world_not_divisible_by_model_parallel():
 def test_tp_not_dividing_heads_names_parallel_tp():
     with pytest.raises(InvalidValueError) as info:
         load_recipe("mac-170m", ["parallel.tp=4"], world_size=8)
-    assert info.value.key == "parallel.tp" and "model.n_heads=14" in str(info.value)
+    assert info.value.key == "parallel.tp" and "model.n_heads = 14" in str(info.value)
 
 
 def test_model_errors_are_named_with_their_section():
@@ -166,3 +166,15 @@ def test_train_cli_fails_before_any_work(capsys, tmp_path):
     assert code == 2
     assert "train.global_batch_tokens" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not dist.is_initialized()
+
+
+def test_sequence_parallel_span_must_hold_whole_chunks():
+    with pytest.raises(InvalidValueError) as info:
+        load_recipe("mac-170m", ["parallel.sp=3"], world_size=3)
+    assert info.value.key == "parallel.sp"
+
+
+def test_zero3_with_sequence_parallel_is_refused_before_work():
+    with pytest.raises(InvalidValueError) as info:
+        load_recipe("mac-170m", ["parallel.sp=2", "parallel.zero_stage=3"], world_size=2)
+    assert info.value.key == "parallel.zero_stage" and "deadlock" in str(info.value)

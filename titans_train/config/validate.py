@@ -78,42 +78,29 @@ def _positive(config: DictConfig, *keys: str) -> None:
             raise InvalidValueError(key, f"must be > 0, got {value}")
 
 
-def _model_heads(model: DictConfig) -> dict[str, int]:
-    """The head counts tensor parallelism shards, keyed by their config key."""
-    heads = {}
-    for key in ("n_heads", "n_memory_heads", "n_kv_heads"):
-        if key in model and model[key]:
-            heads[key] = int(model[key])
-    return heads
-
-
 def validate_parallel(config: DictConfig) -> None:
+    """The layout checks of `titans_train.parallel.validation`, run before any process exists."""
+    from titans_train.parallel.layout import ParallelConfigError
+    from titans_train.parallel.validation import (
+        validate_sequence_parallel,
+        validate_tensor_parallel,
+        validate_zero_stage,
+    )
+
     parallel = config.parallel
     if parallel.tp < 1 or parallel.sp < 1:
         raise InvalidValueError("parallel.tp", f"tp and sp must be >= 1, got tp={parallel.tp} sp={parallel.sp}")
     if parallel.zero_stage not in (0, 1, 2, 3):
         raise InvalidValueError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {parallel.zero_stage}")
     check_choice("parallel.backend", parallel.backend, BACKENDS)
-    for key, count in _model_heads(config.model).items():
-        if count % parallel.tp:
-            raise InvalidValueError(
-                "parallel.tp",
-                f"parallel.tp={parallel.tp} does not divide model.{key}={count}; heads are the "
-                f"tensor-parallel unit (divisors: {[d for d in range(1, count + 1) if count % d == 0]})",
-            )
-    if parallel.sp > 1:
-        seq_len = config.train.seq_len
-        if seq_len % parallel.sp:
-            raise InvalidValueError("parallel.sp", f"parallel.sp={parallel.sp} does not divide train.seq_len={seq_len}")
-        span = seq_len // parallel.sp
-        for key in ("chunk_size", "segment_len"):
-            unit = config.model.get(key)
-            if unit and span % unit:
-                raise InvalidValueError(
-                    "parallel.sp",
-                    f"each sequence-parallel span has {span} tokens (train.seq_len / parallel.sp), "
-                    f"not a multiple of model.{key}={unit}",
-                )
+    model = model_config(config)
+    try:
+        validate_tensor_parallel(model, parallel.tp)
+        if parallel.sp > 1:
+            validate_sequence_parallel(model, parallel.sp, config.train.seq_len)
+        validate_zero_stage(parallel.zero_stage, parallel.sp)
+    except ParallelConfigError as error:
+        raise InvalidValueError(error.key, error.reason) from error
 
 
 def model_config(config: DictConfig):
