@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from titans_train.model import VARIANTS, TitansConfig, TitansLM, no_weight_decay

@@ -122,7 +122,7 @@ def check_unknown_keys(user: DictConfig, schema: DictConfig, prefix: str = "", a
             check_unknown_keys(user_value, schema_value, f"{path}.", all_paths)
         elif isinstance(user_value, DictConfig) and not isinstance(schema_value, (DictConfig, ListConfig)):
             if schema_value is not None and not schema_value._is_none():
-                raise InvalidValueError(path, f"expected a single value, got a mapping")
+                raise InvalidValueError(path, "expected a single value, got a mapping")
 
 
 def _apply_to_schema(user: DictConfig) -> DictConfig:
