@@ -27,14 +27,13 @@ class BatchPlan:
 
 
 def data_parallel_size(config: DictConfig, world_size: int) -> int:
-    model_parallel = config.parallel.tp * config.parallel.sp
-    if world_size % model_parallel:
-        raise BatchArithmeticError(
-            "parallel.tp",
-            f"the world size {world_size} is not divisible by parallel.tp x parallel.sp = "
-            f"{config.parallel.tp} x {config.parallel.sp} = {model_parallel}",
-        )
-    return world_size // model_parallel
+    """dp = world / (tp x sp), by the rank-grid arithmetic of `titans_train.parallel.layout`."""
+    from titans_train.parallel.layout import ParallelConfigError, ParallelLayout
+
+    try:
+        return ParallelLayout.from_world(world_size, tp=config.parallel.tp, sp=config.parallel.sp).dp
+    except ParallelConfigError as error:
+        raise BatchArithmeticError(error.key, error.reason) from error
 
 
 def batch_plan(config: DictConfig, world_size: int) -> BatchPlan:
