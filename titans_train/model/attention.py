@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exchange import StateExchange
 from .layers import apply_rope, split_heads
 
 
@@ -69,20 +70,31 @@ class Attention(nn.Module):
         return {"keys": shape, "values": shape}
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: int,
-                window: Optional[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                window: Optional[int], exchange: Optional[StateExchange] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Causal (window None) or sliding-window attention of x (B, T, D) continuing `state`.
 
         Returns per-head outputs (B, H, T, d) and the new key/value tail (last window-1 tokens,
-        or all of them for full attention).
+        or all of them for full attention). With `exchange` (sliding window only, T >= window-1)
+        the incoming tail comes from `exchange.exchange_tails`.
         """
         seq_len = x.shape[1]
-        cached = state["keys"].shape[2]
         positions = torch.arange(position, position + seq_len, device=x.device)
-        key_positions = torch.arange(position - cached, position + seq_len, device=x.device)
         queries = self.project_queries(x, positions)
         new_keys, new_values = self.project_keys_values(x, positions)
-        keys = torch.cat([state["keys"], new_keys], dim=2)  # (B, H, cached+T, d)
-        values = torch.cat([state["values"], new_values], dim=2)
+        tail = {"keys": state["keys"], "values": state["values"]}
+        if exchange is not None:
+            if window is None or seq_len < window - 1:
+                raise ValueError(f"an exchanged key/value tail needs a sliding window no longer than "
+                                 f"the input + 1 (window {window}, {seq_len} tokens): otherwise the "
+                                 "outgoing tail includes the incoming one")
+            start = seq_len - (window - 1)
+            tail = exchange.exchange_tails({"keys": new_keys[:, :, start:], "values": new_values[:, :, start:]},
+                                           tail)
+        cached = tail["keys"].shape[2]
+        key_positions = torch.arange(position - cached, position + seq_len, device=x.device)
+        keys = torch.cat([tail["keys"], new_keys], dim=2)  # (B, H, cached+T, d)
+        values = torch.cat([tail["values"], new_values], dim=2)
         out = self.attend(queries, keys, values, window_mask(positions, key_positions, window))
         keep = keys.shape[2] if window is None else min(keys.shape[2], window - 1)
         start = keys.shape[2] - keep

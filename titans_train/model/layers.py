@@ -100,6 +100,15 @@ class CausalConv(nn.Module):
         bound = self.kernel_size ** -0.5  # PyTorch's Conv1d default for a depthwise kernel
         nn.init.uniform_(self.weight, -bound, bound)
 
+    def outgoing_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The tail `forward(x, tail)` leaves (B, C, K-1), from x (B, T, C) alone: it does not
+        depend on the incoming tail once T >= K-1."""
+        keep = self.kernel_size - 1
+        if x.shape[1] < keep:
+            raise ValueError(f"outgoing_tail needs at least kernel_size - 1 = {keep} steps, got "
+                             f"{x.shape[1]}; the tail of a shorter input includes the incoming one")
+        return x[:, x.shape[1] - keep:].transpose(1, 2)
+
     def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail."""
         channels = self.weight.shape[0]

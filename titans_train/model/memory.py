@@ -24,6 +24,7 @@ from torch import nn
 from titans_train.kernels import memory_mlp, memory_scan
 
 from .config import TitansConfig
+from .exchange import StateExchange
 from .layers import CausalConv, split_heads
 
 OPEN_FIELDS = ("open_keys", "open_values", "open_theta", "open_eta", "open_alpha")
@@ -87,7 +88,10 @@ class NeuralMemory(nn.Module):
     # -- projections ---------------------------------------------------------------------------
     def query(self, x: torch.Tensor, conv_tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries of x (B, T, D): projection, conv, SiLU, l2 norm -> (B, Hm, T, d), new tail."""
-        q, tail = self.q_conv(self.q_proj(x), conv_tail)
+        return self._queries(self.q_proj(x), conv_tail)
+
+    def _queries(self, projected: torch.Tensor, conv_tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, tail = self.q_conv(projected, conv_tail)
         return F.normalize(split_heads(F.silu(q), self.n_memory_heads), dim=-1), tail
 
     def retrieve(self, weights: tuple[torch.Tensor, ...], q: torch.Tensor) -> torch.Tensor:
@@ -108,11 +112,22 @@ class NeuralMemory(nn.Module):
         state: dict[str, torch.Tensor],
         block_len: int,
         stats: Optional[list] = None,
+        exchange: Optional[StateExchange] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Store x (B, T, D) into the memory and retrieve with its queries -> (B, Hm, T, d), state."""
-        q, conv_q = self.query(x, state["conv_q"])
-        k, conv_k = self.k_conv(self.k_proj(x), state["conv_k"])
-        v, conv_v = self.v_conv(self.v_proj(x), state["conv_v"])
+        """Store x (B, T, D) into the memory and retrieve with its queries -> (B, Hm, T, d), state.
+
+        With `exchange` (see `exchange.py`) the conv tails and the memory's incoming weights and
+        momentum come from its hooks instead of `state`.
+        """
+        convs = {"conv_q": self.q_conv, "conv_k": self.k_conv, "conv_v": self.v_conv}
+        projected = {"conv_q": self.q_proj(x), "conv_k": self.k_proj(x), "conv_v": self.v_proj(x)}  # (B, T, Hm*d)
+        tails = {name: state[name] for name in convs}
+        if exchange is not None:
+            outgoing = {name: convs[name].outgoing_tail(values) for name, values in projected.items()}
+            tails = exchange.exchange_tails(outgoing, tails)
+        q, conv_q = self._queries(projected["conv_q"], tails["conv_q"])
+        k, conv_k = self.k_conv(projected["conv_k"], tails["conv_k"])
+        v, conv_v = self.v_conv(projected["conv_v"], tails["conv_v"])
         k = F.normalize(split_heads(F.silu(k), self.n_memory_heads), dim=-1)  # (B, Hm, T, d)
         v = split_heads(F.silu(v), self.n_memory_heads)
         theta, eta, alpha = self._gates(x)
@@ -131,6 +146,11 @@ class NeuralMemory(nn.Module):
         n_layers = len(self.initial_weights)
         weights = tuple(state[f"weights.{layer}"] for layer in range(n_layers))
         momentum = tuple(state[f"momentum.{layer}"] for layer in range(n_layers))
+        if exchange is not None:
+            stored = slice(0, closed)  # the whole chunks: what moves the state on
+            weights, momentum = exchange.incoming_memory(
+                self, k_all[:, :, stored], v_all[:, :, stored], theta_all[:, :, stored],
+                eta_all[:, :, stored], alpha_all[:, :, stored], weights, momentum)
         incoming_weights = weights
         outputs = []
         for start, stop in ((0, closed), (closed, total)):

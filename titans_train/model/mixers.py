@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import Attention, window_mask
 from .config import TitansConfig
+from .exchange import StateExchange
 from .layers import HeadRMSNorm, merge_heads, split_heads
 from .memory import NeuralMemory
 
@@ -75,8 +76,9 @@ class AttentionMixer(nn.Module):
     def initial_state(self, batch_size: int, device, dtype) -> State:
         return _zeros(self.state_shapes(batch_size, 0), device, dtype)
 
-    def forward(self, x, state: State, position: int, stats=None):
-        attended, attention_state = self.attention(x, _sub(state, "attention"), position, self.window)
+    def forward(self, x, state: State, position: int, stats=None, exchange: Optional[StateExchange] = None):
+        attended, attention_state = self.attention(x, _sub(state, "attention"), position, self.window,
+                                                   exchange)
         return self.output(attended, x), _prefixed("attention", attention_state)
 
 
@@ -95,8 +97,8 @@ class LMMMixer(nn.Module):
     def initial_state(self, batch_size: int, device, dtype) -> State:
         return _prefixed("memory", self.memory.initial_state(batch_size, device, dtype))
 
-    def forward(self, x, state: State, position: int, stats=None):
-        retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats)
+    def forward(self, x, state: State, position: int, stats=None, exchange: Optional[StateExchange] = None):
+        retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats, exchange)
         return self.output(retrieved, x), _prefixed("memory", memory_state)
 
 
@@ -132,9 +134,10 @@ class MAGMixer(_WindowAndMemoryState, nn.Module):
         self.memory_norm = HeadRMSNorm(config.memory_heads, config.memory_head_dim, config.norm_eps)
         self.output = GatedOutput(config.dim, config.n_heads, config.head_dim, config.norm_eps)
 
-    def forward(self, x, state: State, position: int, stats=None):
-        attended, attention_state = self.attention(x, _sub(state, "attention"), position, self.window)
-        retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats)
+    def forward(self, x, state: State, position: int, stats=None, exchange: Optional[StateExchange] = None):
+        attended, attention_state = self.attention(x, _sub(state, "attention"), position, self.window,
+                                                   exchange)
+        retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats, exchange)
         normed_memory = self.memory_norm(retrieved.transpose(1, 2)).flatten(2)  # (B, T, D)
         if self.gate_activation == "sigmoid":
             modulation = torch.sigmoid(normed_memory)
@@ -159,10 +162,11 @@ class MALMixer(_WindowAndMemoryState, nn.Module):
         self.attention = _attention(config)
         self.output = GatedOutput(config.dim, config.n_heads, config.head_dim, config.norm_eps)
 
-    def forward(self, x, state: State, position: int, stats=None):
-        retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats)
+    def forward(self, x, state: State, position: int, stats=None, exchange: Optional[StateExchange] = None):
+        retrieved, memory_state = self.memory(x, _sub(state, "memory"), self.block_len, stats, exchange)
         memory_out = self.memory_out_proj(self.memory_norm(retrieved.transpose(1, 2)).flatten(2))  # (B, T, D)
-        attended, attention_state = self.attention(memory_out, _sub(state, "attention"), position, self.window)
+        attended, attention_state = self.attention(memory_out, _sub(state, "attention"), position, self.window,
+                                                   exchange)
         new_state = _prefixed("attention", attention_state)
         new_state.update(_prefixed("memory", memory_state))
         return self.output(attended, x), new_state
@@ -210,7 +214,12 @@ class MACMixer(nn.Module):
         state.update(_prefixed("memory", self.memory.initial_state(batch_size, device, dtype)))
         return state
 
-    def forward(self, x, state: State, position: int, stats=None):
+    def forward(self, x, state: State, position: int, stats=None, exchange: Optional[StateExchange] = None):
+        if exchange is not None:
+            # The memory stores y, which depends on the retrieval from the incoming memory state:
+            # its keys exist only once that state is known, so no hook can supply it early.
+            raise ValueError("mac cannot take its incoming state from a StateExchange (its memory "
+                             "input depends on the incoming memory); run it with the whole state")
         seq_len = x.shape[1]
         positions = torch.arange(position, position + seq_len, device=x.device)
         # Everything computed from x alone is done for the whole call at once.

@@ -12,6 +12,7 @@ from torch import nn
 from .attention import Attention
 from .config import TitansConfig
 from .errors import InputIdsError, StateMismatchError
+from .exchange import StateExchange
 from .layers import CausalConv, HeadRMSNorm, RMSNorm, SwiGLU
 from .memory import NeuralMemory
 from .mixers import build_mixer
@@ -84,8 +85,13 @@ class TitansBlock(nn.Module):
         layer_state: Optional[LayerState] = None,
         position: int = 0,
         telemetry: Optional[dict[str, torch.Tensor]] = None,
+        exchange: Optional[StateExchange] = None,
     ) -> tuple[torch.Tensor, LayerState]:
-        """hidden (B, T, D) continuing `layer_state` after `position` tokens -> hidden, new state."""
+        """hidden (B, T, D) continuing `layer_state` after `position` tokens -> hidden, new state.
+
+        `exchange` (see `exchange.py`; not for mac) supplies the tails and the incoming memory
+        state through hooks, late; `layer_state` must still have the right shapes.
+        """
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
             raise StateMismatchError(f"position must be an int >= 0, got {position!r}")
         batch_size = hidden.shape[0]
@@ -98,7 +104,7 @@ class TitansBlock(nn.Module):
         else:
             self.check_state(layer_state, batch_size, position)
         stats = [] if telemetry is not None else None
-        mixed, new_state = self.mixer(self.mixer_norm(hidden), layer_state, position, stats)
+        mixed, new_state = self.mixer(self.mixer_norm(hidden), layer_state, position, stats, exchange=exchange)
         hidden = hidden + mixed
         hidden = hidden + self.mlp(self.mlp_norm(hidden))
         if stats:
