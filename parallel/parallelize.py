@@ -1,7 +1,8 @@
 """Apply parallelism onto a plain `TitansLM`, and compute the loss of one micro-batch under it.
 
 The order, for a model built identically on every rank (same seed):
-1. tensor parallelism: shard heads, vocabulary and MLP channels (`apply_tensor_parallel`);
+1. tensor parallelism: shard heads, vocabulary and MLP channels (`apply_tensor_parallel`), and
+   with `parallel.tp_sequence_sharding` split the norm regions along the sequence over tp;
 2. sequence parallelism needs no change to the model: `parallel_loss` drives it layer by layer;
 3. ZeRO data parallelism: `deepspeed.initialize(model=..., mpu=context.mpu())`, by the trainer.
 
@@ -22,8 +23,8 @@ from titans_train.parallel.tensor_parallel import apply_tensor_parallel, token_l
 def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> nn.Module:
     """Shard `model` in place for the layout of `context`.
 
-    `parallel_config` is the run's `parallel` section (anything with `tp` and `sp`); it must
-    agree with the context the groups were built from.
+    `parallel_config` is the run's `parallel` section (anything with `tp` and `sp`, optionally
+    `tp_sequence_sharding`); it must agree with the context the groups were built from.
     """
     if parallel_config is not None:
         for key in ("tp", "sp"):
@@ -31,7 +32,8 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
             if getattr(parallel_config, key) != expected:
                 raise ValueError(f"parallel.{key} = {getattr(parallel_config, key)} but the "
                                  f"process groups were built with {key} = {expected}")
-    return apply_tensor_parallel(model, context)
+    sequence_sharding = bool(getattr(parallel_config, "tp_sequence_sharding", False))
+    return apply_tensor_parallel(model, context, sequence_sharding=sequence_sharding)
 
 
 def parallel_loss(model: nn.Module, tokens, context: ParallelContext,

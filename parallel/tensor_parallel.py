@@ -10,6 +10,11 @@ Each rank then runs its own heads end to end: projections, conv, memory (memory_
 communication), per-head norms, gates. Communication happens only where head-sharded channels
 meet full-width ones: after row-parallel output projections (all-reduce), in the backward of
 column-parallel inputs, and for the vocabulary.
+
+With `sequence_sharding=True` (`parallel.tp_sequence_sharding`) the residual stream and its norms
+are split along the sequence over the tp ranks instead of replicated; the layers built here then
+take megatron-core's sequence-parallel arguments and `tp_sequence_sharding.py` adds the mappings
+between the two regions (see its docstring).
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from torch import nn
 
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.megatron_cpu import install_megatron_cpu_shim
+from titans_train.parallel.tp_sequence_sharding import (
+    ROW_OUTPUTS,
+    SequenceShardedRMSNorm,
+    gather_sequence,
+    sequence_sharded_embedding_class,
+)
 
 # Every parameter of a TitansLM, by path, and how it is split over the tp ranks of a layer.
 # Module entries replace the module; parameter entries ("heads", "replicated") keep the module.
@@ -97,7 +108,7 @@ def _shard(tensor: torch.Tensor, dim: int, context: ParallelContext) -> torch.Te
     return tensor.detach().chunk(context.tp_size, dim=dim)[context.tp_rank].clone()
 
 
-def _megatron_config(context: ParallelContext, dtype: torch.dtype):
+def _megatron_config(context: ParallelContext, dtype: torch.dtype, sequence_parallel: bool = False):
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     return ModelParallelConfig(
@@ -106,7 +117,9 @@ def _megatron_config(context: ParallelContext, dtype: torch.dtype):
         perform_initialization=False,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=dtype,
-        sequence_parallel=False,
+        # megatron's sequence-parallel row layers reduce-scatter their output along dim 0: only
+        # ever given our (T, B, D)-transposed views (RowParallelProjection below).
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -119,6 +132,7 @@ def _parallel_linear_classes():
     from megatron.core.tensor_parallel import (
         ColumnParallelLinear,
         RowParallelLinear,
+        all_gather_last_dim_from_tensor_parallel_region,
         gather_from_tensor_model_parallel_region,
         scatter_to_tensor_model_parallel_region,
     )
@@ -129,21 +143,38 @@ def _parallel_linear_classes():
         MAC feeds the same projections full-width tokens x and head-sharded vectors (the memory's
         retrieval h, the attention output y); a sharded input is gathered first, which is the
         same linear map of the same full vector.
+
+        With `disable_grad_reduce` (tp sequence sharding) the input gradient is not all-reduced
+        here: a full input comes from a gather along T whose backward reduce-scatters it, and a
+        sharded input is gathered by a mapping whose backward reduce-scatters along channels.
         """
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.shape[-1] != self.input_size:
-                x = gather_from_tensor_model_parallel_region(x, group=self.tp_group)
+                if self.disable_grad_reduce:
+                    x = all_gather_last_dim_from_tensor_parallel_region(x, group=self.tp_group)
+                else:
+                    x = gather_from_tensor_model_parallel_region(x, group=self.tp_group)
             output, _ = super().forward(x)
             return output
 
     class RowParallelProjection(RowParallelLinear):
-        """Row-parallel linear: head-sharded input, full (all-reduced) output."""
+        """Row-parallel linear: head-sharded input, full (all-reduced) output.
+
+        With megatron's `sequence_parallel` (tp sequence sharding) the output is instead
+        reduce-scattered along T, (B, T/tp, D), and with `gather_sequence_output` gathered again.
+        """
 
         scatter_output = False
+        gather_sequence_output = False
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            output, _ = super().forward(x)
+            if not self.sequence_parallel:
+                output, _ = super().forward(x)
+            else:  # megatron's sequence dimension is dim 0
+                output = super().forward(x.transpose(0, 1))[0].transpose(0, 1)  # (B, T/tp, D)
+                if self.gather_sequence_output:
+                    output = gather_sequence(output, self.tp_group)
             if self.scatter_output:
                 output = scatter_to_tensor_model_parallel_region(output, group=self.tp_group)
             return output
@@ -158,10 +189,13 @@ class VocabParallelHead(nn.Module):
     so the loss, equal the unpadded model's.
     """
 
-    def __init__(self, weight: nn.Parameter, vocab_size: int, vocab_start: int, tp_group):
+    def __init__(self, weight: nn.Parameter, vocab_size: int, vocab_start: int, tp_group,
+                 reduce_input_gradient: bool = True):
         super().__init__()
         self.weight = weight  # (V_padded / tp, D), shared with the embedding when tied
         self.tp_group = tp_group
+        # False under tp sequence sharding: the input was gathered along T, whose backward sums it.
+        self.reduce_input_gradient = reduce_input_gradient
         local = weight.shape[0]
         padding = torch.arange(vocab_start, vocab_start + local) >= vocab_size
         self.register_buffer("padding_mask", padding, persistent=False)
@@ -169,7 +203,8 @@ class VocabParallelHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-        hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        if self.reduce_input_gradient:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
         logits = F.linear(hidden, self.weight)
         if self.padding_mask.any():
             logits = logits.masked_fill(self.padding_mask, float("-inf"))
@@ -183,15 +218,18 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
-                          plan: dict[str, str] = TP_PLAN) -> nn.Module:
+                          plan: dict[str, str] = TP_PLAN, sequence_sharding: bool = False) -> nn.Module:
     """Shard `model` (a built TitansLM) in place for this rank's tp coordinate; returns it.
 
     Order: validate the head counts and that the plan covers every parameter, replace modules
-    (linear layers, embedding, head), split per-head parameters, rewrite head counts.
+    (linear layers, embedding, head), split per-head parameters, rewrite head counts, and with
+    `sequence_sharding` (ignored at tp = 1) replace the replicated norms by sequence-sharded ones.
+    Sets `model.tensor_parallel_size` and `model.tp_sequence_sharding`.
     """
     tp = context.tp_size
     model.tensor_parallel_size = tp
     model.padded_vocab_size = padded_vocab_size(model.config.vocab_size, tp)
+    model.tp_sequence_sharding = sequence_sharding and tp > 1
     if tp == 1:
         return model
     from titans_train.parallel.validation import validate_tensor_parallel
@@ -204,11 +242,14 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
     if uncovered:
         raise RuntimeError(f"TP_PLAN does not say how to split {uncovered}; add them to the plan")
     install_megatron_cpu_shim()
-    from megatron.core.tensor_parallel import VocabParallelEmbedding
-
     column_cls, row_cls = _parallel_linear_classes()
     dtype = model.embedding.weight.dtype
     megatron_config = _megatron_config(context, dtype)
+    if sequence_sharding:
+        sequence_parallel_config = _megatron_config(context, dtype, sequence_parallel=True)
+        embedding_cls = sequence_sharded_embedding_class()
+    else:
+        from megatron.core.tensor_parallel import VocabParallelEmbedding as embedding_cls
     tied = model.lm_head.weight is model.embedding.weight
 
     for path, module in list(model.named_modules()):
@@ -221,12 +262,24 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
             common = dict(config=megatron_config, init_method=_no_init, bias=module.bias is not None)
             if style == "column":
                 new = column_cls(module.in_features, module.out_features, gather_output=False,
-                                 skip_bias_add=False, tp_group=context.tp_group, **common)
+                                 skip_bias_add=False, tp_group=context.tp_group,
+                                 disable_grad_reduce=sequence_sharding, **common)
                 weight_dim = 0
             else:
+                row_output = plan_style(path, ROW_OUTPUTS) if sequence_sharding and style == "row" else None
+                if row_output is not None:
+                    if module.bias is not None:
+                        raise NotImplementedError(
+                            f"{path} has a bias: under tp sequence sharding it would be added to a "
+                            "T-shard and need its gradient summed over tp, which is not built")
+                    common["config"] = sequence_parallel_config
+                elif sequence_sharding and style == "row":
+                    raise RuntimeError(f"ROW_OUTPUTS does not say where the output of {path} goes "
+                                       "under tp sequence sharding; add it")
                 new = row_cls(module.in_features, module.out_features, input_is_parallel=True,
                               skip_bias_add=False, tp_group=context.tp_group, **common)
                 new.scatter_output = style == "row_to_local_channels"
+                new.gather_sequence_output = row_output == "column_inputs"
                 weight_dim = 1
             with torch.no_grad():
                 new.weight.copy_(_shard(module.weight, weight_dim, context))
@@ -238,8 +291,9 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                 new.is_residual_projection = True
         elif style == "vocab_embedding":
             padded = model.padded_vocab_size
-            new = VocabParallelEmbedding(padded, module.embedding_dim, init_method=_no_init,
-                                         config=megatron_config, tp_group=context.tp_group)
+            new = embedding_cls(padded, module.embedding_dim, init_method=_no_init,
+                                config=megatron_config, tp_group=context.tp_group,
+                                reduce_scatter_embeddings=sequence_sharding)
             full = torch.zeros(padded, module.embedding_dim, dtype=dtype)
             full[: module.num_embeddings] = module.weight.detach()
             with torch.no_grad():
@@ -255,7 +309,7 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                 weight = nn.Parameter(_shard(full, 0, context))
                 _mark_sharded(weight, 0)
             new = VocabParallelHead(weight, model.config.vocab_size, context.tp_rank * local,
-                                    context.tp_group)
+                                    context.tp_group, reduce_input_gradient=not sequence_sharding)
         _set_submodule(model, path, new)
 
     for path, parameter in list(model.named_parameters()):
@@ -271,6 +325,13 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
         for attribute in HEAD_COUNT_ATTRIBUTES:
             if isinstance(getattr(module, attribute, None), int):
                 setattr(module, attribute, getattr(module, attribute) // tp)
+
+    if sequence_sharding:
+        for path, _ in list(model.named_parameters()):
+            if plan_style(path, plan) == "replicated":
+                module_path = path.rpartition(".")[0]
+                _set_submodule(model, module_path,
+                               SequenceShardedRMSNorm(model.get_submodule(module_path), context.tp_group))
     return model
 
 

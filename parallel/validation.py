@@ -68,11 +68,32 @@ def validate_zero_stage(zero_stage: int, sp: int) -> None:
         )
 
 
+def validate_tp_sequence_sharding(*, tp: int, sp: int, seq_len: int, enabled: bool) -> None:
+    """With `parallel.tp_sequence_sharding` each span of seq_len / sp tokens is split over the tp
+    ranks in the norm regions, so it must divide by tp. At tp = 1 the option changes nothing and
+    is accepted (as megatron-core does), so one recipe serves every tp. Call after the sp checks
+    (the span must be whole)."""
+    if not enabled or tp == 1:
+        return
+    span = seq_len // sp
+    if span % tp:
+        good = [t for t in _divisors(span) if t > 1]
+        raise ParallelConfigError(
+            "parallel.tp_sequence_sharding",
+            f"the span length seq_len / parallel.sp = {seq_len} / {sp} = {span} does not split "
+            f"over parallel.tp = {tp} ranks in the sequence-sharded norm regions. Use a seq_len "
+            f"that is a multiple of parallel.sp x parallel.tp = {sp * tp}, a parallel.tp dividing "
+            f"{span} ({good or 'none > 1'}), or parallel.tp_sequence_sharding=false.",
+        )
+
+
 def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int,
-                             seq_len: int, zero_stage: int = 0) -> ParallelLayout:
+                             seq_len: int, zero_stage: int = 0,
+                             tp_sequence_sharding: bool = False) -> ParallelLayout:
     """All checks at once; returns the (tp, sp, dp) layout. Call before creating process groups."""
     layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
     validate_tensor_parallel(model_config, tp)
     validate_sequence_parallel(model_config, sp, seq_len)
     validate_zero_stage(zero_stage, sp)
+    validate_tp_sequence_sharding(tp=tp, sp=sp, seq_len=seq_len, enabled=tp_sequence_sharding)
     return layout

@@ -66,6 +66,9 @@ class ParallelConfig:
     zero_stage: int = 1
     # Recompute each layer's activations in backward (saves memory, costs ~1 extra forward).
     activation_checkpointing: bool = False
+    # Split the residual stream and its norms along the sequence over the tp ranks (Megatron's
+    # "sequence parallelism"); ignored at tp = 1; needs seq_len / sp divisible by tp.
+    tp_sequence_sharding: bool = False
     # "auto": nccl when CUDA is available, gloo otherwise.
     backend: str = "auto"
 

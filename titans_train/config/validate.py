@@ -83,7 +83,7 @@ def validate_parallel(config: DictConfig) -> None:
     from titans_train.parallel.validation import (
         validate_sequence_parallel,
         validate_tensor_parallel,
-        validate_zero_stage,
+        validate_tp_sequence_sharding,
     )
 
     parallel = config.parallel
@@ -97,7 +97,8 @@ def validate_parallel(config: DictConfig) -> None:
         validate_tensor_parallel(model, parallel.tp)
         if parallel.sp > 1:
             validate_sequence_parallel(model, parallel.sp, config.train.seq_len)
-        validate_zero_stage(parallel.zero_stage, parallel.sp)
+        validate_tp_sequence_sharding(tp=parallel.tp, sp=parallel.sp, seq_len=config.train.seq_len,
+                                      enabled=parallel.tp_sequence_sharding)
     except ParallelConfigError as error:
         raise InvalidValueError(error.key, error.reason) from error
 

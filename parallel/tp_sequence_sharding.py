@@ -1,0 +1,116 @@
+"""Sequence-sharded norm regions under tensor parallelism (`parallel.tp_sequence_sharding`).
+
+Megatron calls this `sequence_parallel`; here that name means the span relay between sp ranks,
+so the option is called tp sequence sharding. Inside a tp group, everything outside the
+tensor-parallel regions (the residual stream, the pre-mixer / pre-MLP RMSNorms, the final norm)
+is split along the sequence over the tp ranks instead of replicated: tp rank r of a span of S
+tokens holds tokens [r*S/tp, (r+1)*S/tp) of the hidden states (B, S/tp, D).
+
+Where the two regions meet (each a megatron-core mapping, applied to a (T, B, ...) transposed view
+because megatron's sequence dimension is dim 0 and ours is dim 1):
+- embedding: the vocab-parallel partial sums are reduce-scattered along T (not all-reduced);
+- norm -> tp region: the norm runs on the T-shard and its output is all-gathered along T once,
+  then fed to every column-parallel projection of the mixer (or MLP, or the vocab head); those
+  projections do not reduce their input gradient (megatron's `disable_grad_reduce`), because the
+  gather's backward reduce-scatters the summed gradient;
+- tp region -> residual: the row-parallel output projections reduce-scatter along T instead of
+  all-reducing, so the residual add happens on shards (`ROW_OUTPUTS`);
+- replicated norm weights see only a T-shard per rank: their gradient is summed over tp inside
+  the graph (megatron's copy_to_tensor_model_parallel_region on the weight: identity forward,
+  all-reduce backward), so every tp rank holds the full gradient in lockstep.
+
+Mixers always see their whole span (B, S, D): layer states, the sp relay and the memory are
+unaffected. gloo supports reduce_scatter_tensor and all_gather_into_tensor on CPU (checked with
+torch 2.13), so megatron's mappings run unchanged; the only CPU shim needed is the existing
+`torch.cuda.current_device()` one in `megatron_cpu.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from titans_train.model.layers import RMSNorm, _rms_normalize
+from titans_train.parallel.layout import ParallelConfigError
+
+# Where each row-parallel projection's output goes when the norm regions are sequence-sharded:
+#   residual       reduce-scattered along T and added to the T-sharded residual stream
+#   column_inputs  reduce-scattered and all-gathered again along T (an all-reduce both ways): its
+#                  consumers are column-parallel projections, which no longer reduce their input
+#                  gradient, so the gather's backward must sum it (mal: memory -> attention)
+ROW_OUTPUTS: dict[str, str] = {
+    "layers.*.mixer.output.out_proj": "residual",
+    "layers.*.mlp.down_proj": "residual",
+    "layers.*.mixer.memory_out_proj": "column_inputs",
+}
+
+
+def gather_sequence(shard: torch.Tensor, tp_group) -> torch.Tensor:
+    """(B, T/tp, ...) -> (B, T, ...), all-gathered along T; backward reduce-scatters the
+    gradient (the consumers are tensor-parallel, each rank's gradient is a partial sum)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(shard.transpose(0, 1), group=tp_group).transpose(0, 1)
+
+
+def reduce_scatter_sequence(partial: torch.Tensor, tp_group) -> torch.Tensor:
+    """(B, T, ...) partial sums over the tp ranks -> this rank's T-shard of their sum
+    (B, T/tp, ...); backward all-gathers the gradient."""
+    from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+
+    return reduce_scatter_to_sequence_parallel_region(partial.transpose(0, 1), group=tp_group).transpose(0, 1)
+
+
+def check_sequence_divides(seq_len: int, tp_size: int) -> None:
+    """A clear error instead of megatron's assertion when a call's T does not split over tp."""
+    if seq_len % tp_size:
+        raise ParallelConfigError(
+            "parallel.tp_sequence_sharding",
+            f"the norm regions split each call's {seq_len} tokens over tp = {tp_size} ranks; pass "
+            f"a sequence (span) length divisible by {tp_size}, or turn the option off (e.g. for "
+            "token-by-token decoding)")
+
+
+class SequenceShardedRMSNorm(RMSNorm):
+    """RMSNorm of this rank's T-shard (B, T/tp, D) whose output is gathered to (B, T, D).
+
+    The weight is the unsharded model's parameter (same path, same object); each rank's use
+    passes through megatron's copy_to_tensor_model_parallel_region, so its gradient is summed
+    over the tp ranks in backward.
+    """
+
+    def __init__(self, norm: RMSNorm, tp_group):
+        if type(norm) is not RMSNorm:
+            raise TypeError(f"tp sequence sharding shards the RMSNorms outside the tp regions; a "
+                            f"replicated parameter belongs to a {type(norm).__name__}")
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.tp_group = tp_group
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
+        return gather_sequence(_rms_normalize(hidden, self.eps) * weight, self.tp_group)
+
+
+def sequence_sharded_embedding_class():
+    """megatron-core's VocabParallelEmbedding with `reduce_scatter_embeddings=True`, returning our
+    (B, T/tp, D) layout (megatron's output is (T/tp, B, D))."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    class SequenceShardedVocabEmbedding(VocabParallelEmbedding):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            check_sequence_divides(input_ids.shape[1], self.tp_group.size())
+            return super().forward(input_ids).transpose(0, 1)  # (B, T/tp, D)
+
+    return SequenceShardedVocabEmbedding
+
+
+__all__ = [
+    "ROW_OUTPUTS",
+    "SequenceShardedRMSNorm",
+    "check_sequence_divides",
+    "gather_sequence",
+    "reduce_scatter_sequence",
+    "sequence_sharded_embedding_class",
+]

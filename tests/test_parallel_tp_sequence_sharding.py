@@ -1,0 +1,200 @@
+"""`parallel.tp_sequence_sharding`: the norm regions split along the sequence over the tp ranks.
+
+Same method as test_parallel_exactness.py (whose helpers are imported): every rank builds the
+same tiny model, computes the single-process reference itself, shards a copy with the option on
+and compares loss and every gradient (gathered to full shape) to 1e-5 relative, fp32. Besides
+exactness, the point of the option is checked: the hidden states between blocks are
+(B, T / (sp x tp), D) on each rank and hold exactly that rank's slice of the reference's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from test_parallel_exactness import (
+    MICRO_BATCH,
+    SEQ_LEN,
+    TOLERANCE,
+    _optimizer,
+    assert_records,
+    global_batch,
+    reference_loss,
+    relative_error,
+    tiny_config,
+    worst,
+)
+from titans_train.config import InvalidValueError, load_recipe
+from titans_train.config.schema import ParallelConfig
+from titans_train.model import VARIANTS, TitansLM
+from titans_train.parallel import ParallelConfigError, ParallelContext
+from titans_train.parallel.parallelize import parallel_loss, parallelize
+from titans_train.parallel.sequence_parallel import average_gradients
+from titans_train.parallel.tensor_parallel import gather_full_gradients, gather_full_parameters
+from titans_train.parallel.validation import validate_parallel_layout, validate_tp_sequence_sharding
+
+
+def _record_hidden(model: TitansLM) -> list[torch.Tensor]:
+    """Hooks keeping the embedding output and every block's output hidden states."""
+    recorded = []
+    model.embedding.register_forward_hook(lambda module, args, out: recorded.append(out.detach()))
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, args, out: recorded.append(out[0].detach()))
+    return recorded
+
+
+def _sharded(tp: int, sp: int) -> ParallelConfig:
+    return ParallelConfig(tp=tp, sp=sp, tp_sequence_sharding=True)
+
+
+def check_sharded_layouts(layouts):
+    """(tp, sp, activation checkpointing, variants): loss, gradients and hidden-state shards."""
+    records = []
+    for tp, sp, activation_checkpointing, variants in layouts:
+        context = ParallelContext.initialize(tp=tp, sp=sp)
+        for variant in variants:
+            torch.manual_seed(0)
+            model = TitansLM(tiny_config(variant))
+            reference = copy.deepcopy(model)
+            tokens = global_batch(seed=1, samples=MICRO_BATCH * context.layout.dp)
+            replica_tokens = tokens.chunk(context.layout.dp)[context.data_rank]
+            expected_hidden = _record_hidden(reference)
+            expected_loss = reference_loss(reference, tokens)
+            expected_loss.backward()
+            expected_grads = {name: p.grad for name, p in reference.named_parameters()}
+
+            parallelize(model, _sharded(tp, sp), context)
+            hidden = _record_hidden(model)
+            step = parallel_loss(model, replica_tokens, context, activation_checkpointing)
+            step.objective.backward()
+            step.relay.finish()
+            average_gradients(model, context)
+            grad_error, grad_name = worst(gather_full_gradients(model, context), expected_grads)
+            with torch.no_grad():
+                evaluation = parallel_loss(model, replica_tokens, context)
+                evaluation.relay.finish()
+
+            # This rank's tokens: its span (sp), then its shard of the span (tp).
+            shard_len = SEQ_LEN // (sp * tp)
+            start = context.sp_rank * (SEQ_LEN // sp) + context.tp_rank * shard_len
+            first_sample = slice(context.data_rank * MICRO_BATCH, (context.data_rank + 1) * MICRO_BATCH)
+            hidden = hidden[: len(model.layers) + 1]  # the training forward (ckpt recomputes more)
+            hidden_error = max(
+                relative_error(value, expected[first_sample, start:start + shard_len])
+                for value, expected in zip(hidden, expected_hidden))
+            layout = f"sharded tp={tp} sp={sp} dp={context.layout.dp}" + " ckpt" * activation_checkpointing
+            records.append(dict(
+                layout=layout, variant=variant,
+                loss_error=max(relative_error(step.loss, expected_loss.detach()),
+                               relative_error(evaluation.loss, expected_loss.detach())),
+                grad_error=grad_error, grad_name=grad_name, hidden_error=hidden_error,
+                hidden_shapes=sorted({tuple(value.shape) for value in hidden}),
+                expected_shape=(MICRO_BATCH, shard_len, model.config.dim),
+                sharded=model.tp_sequence_sharding))
+    ParallelContext.destroy()
+    return records
+
+
+def check_adamw_steps(tp, sp, variants, steps=3):
+    """Plain AdamW (no DeepSpeed) on the shards for `steps` steps: the losses of every step and
+    the parameters after the last equal the single-process run's."""
+    records = []
+    context = ParallelContext.initialize(tp=tp, sp=sp)
+    for variant in variants:
+        torch.manual_seed(0)
+        model = TitansLM(tiny_config(variant))
+        reference = copy.deepcopy(model)
+        reference_optimizer = _optimizer(reference.parameters())
+        parallelize(model, _sharded(tp, sp), context)
+        optimizer = _optimizer(model.parameters())
+        loss_error = 0.0
+        for step_index in range(steps):
+            tokens = global_batch(seed=100 + step_index, samples=MICRO_BATCH * context.layout.dp)
+            reference_optimizer.zero_grad()
+            expected_loss = reference_loss(reference, tokens)
+            expected_loss.backward()
+            reference_optimizer.step()
+
+            optimizer.zero_grad()
+            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], context)
+            step.objective.backward()
+            step.relay.finish()
+            average_gradients(model, context)
+            optimizer.step()
+            loss_error = max(loss_error, relative_error(step.loss, expected_loss.detach()))
+        param_error, param_name = worst(gather_full_parameters(model, context),
+                                        {name: p.detach() for name, p in reference.named_parameters()})
+        records.append(dict(layout=f"sharded tp={tp} sp={sp} AdamW x{steps}", variant=variant,
+                            loss_error=loss_error, grad_error=0.0, param_error=param_error,
+                            param_name=param_name))
+    ParallelContext.destroy()
+    return records
+
+
+def check_layouts_and_steps(layouts, adamw):
+    return check_sharded_layouts(layouts), check_adamw_steps(**adamw)
+
+
+def assert_sharded(records):
+    assert_records(records)
+    for record in records:
+        assert record["sharded"], record
+        # The point of the option: between blocks each rank holds (B, T / (sp x tp), D) ...
+        assert record["hidden_shapes"] == [record["expected_shape"]], record
+        # ... and it is exactly its slice of the single-process residual stream.
+        assert record["hidden_error"] <= TOLERANCE, record
+
+
+@pytest.mark.slow
+def test_tp2_sharded_matches_one_process_for_every_variant_with_checkpointing_and_adamw():
+    records, adamw_records = run_distributed(
+        check_layouts_and_steps, world_size=2, timeout_s=180,
+        layouts=[(2, 1, False, VARIANTS), (2, 1, True, ("mac", "mag"))],
+        adamw=dict(tp=2, sp=1, variants=("mac", "mal")))[0]
+    assert len(records) == len(VARIANTS) + 2
+    assert_sharded(records)
+    assert len(adamw_records) == 2
+    assert_records(adamw_records)
+
+
+@pytest.mark.slow
+def test_tp2_sp2_sharded_matches_one_process_for_every_variant():
+    records, adamw_records = run_distributed(
+        check_layouts_and_steps, world_size=4, timeout_s=240,
+        layouts=[(2, 2, False, VARIANTS)], adamw=dict(tp=2, sp=2, variants=("mag",)))[0]
+    assert len(records) == len(VARIANTS)
+    assert_sharded(records)
+    assert_records(adamw_records)
+
+
+def test_span_not_divisible_by_tp_is_refused_with_the_numbers_and_the_fix():
+    model_config = tiny_config("transformer")  # no chunk: any span length is valid for sp
+    with pytest.raises(ParallelConfigError) as info:
+        validate_parallel_layout(model_config, tp=4, sp=2, world_size=8, seq_len=36,
+                                 tp_sequence_sharding=True)
+    assert info.value.key == "parallel.tp_sequence_sharding"
+    message = str(info.value)
+    assert "36 / 2 = 18" in message and "parallel.tp = 4" in message
+    assert "parallel.tp_sequence_sharding=false" in message  # one of the fixes offered
+    # The same layout without the option is valid, and so is the option with a span that splits.
+    validate_parallel_layout(model_config, tp=4, sp=2, world_size=8, seq_len=36)
+    validate_parallel_layout(model_config, tp=4, sp=2, world_size=8, seq_len=32,
+                             tp_sequence_sharding=True)
+
+
+def test_option_is_ignored_at_tp1():
+    validate_tp_sequence_sharding(tp=1, sp=2, seq_len=18, enabled=True)
+    model = parallelize(TitansLM(tiny_config("lmm")), _sharded(1, 1), ParallelContext.initialize())
+    assert model.tp_sequence_sharding is False
+
+
+def test_config_validation_names_the_key_before_any_work():
+    with pytest.raises(InvalidValueError) as info:
+        load_recipe("debug", ["parallel.tp=2", "parallel.tp_sequence_sharding=true",
+                              "train.seq_len=63", "train.global_batch_tokens=252"], world_size=2)
+    assert info.value.key == "parallel.tp_sequence_sharding" and "63 / 1 = 63" in str(info.value)
+    assert load_recipe("debug", ["parallel.tp=2", "parallel.tp_sequence_sharding=true"],
+                       world_size=2).parallel.tp_sequence_sharding
