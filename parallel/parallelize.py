@@ -16,8 +16,10 @@ from __future__ import annotations
 from torch import nn
 
 from titans_train.parallel.context import ParallelContext
+from titans_train.parallel.scan_schedule import scan_schedule_loss
 from titans_train.parallel.sequence_parallel import StepLoss, sequence_parallel_loss
 from titans_train.parallel.tensor_parallel import apply_tensor_parallel, token_losses
+from titans_train.parallel.validation import validate_sp_schedule
 
 
 def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> nn.Module:
@@ -37,8 +39,13 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
 
 
 def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
-                  activation_checkpointing: bool = False, return_telemetry: bool = False) -> StepLoss:
-    """Loss of this replica's micro-batch `tokens` (B, T+1) under any (tp, sp) layout."""
+                  activation_checkpointing: bool = False, return_telemetry: bool = False,
+                  sp_schedule: str = "relay") -> StepLoss:
+    """Loss of this replica's micro-batch `tokens` (B, T+1) under any (tp, sp) layout.
+
+    `sp_schedule` (`parallel.sp_schedule`): "relay", the span owners' wavefront (any model), or
+    "scan", all span owners in lockstep (linear memory in lmm/mag/mal; `scan_schedule.py`).
+    """
     tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
     if tensor_parallel_size != context.tp_size:
         raise RuntimeError(f"the model is sharded for tp = {tensor_parallel_size}, the context has "
@@ -47,6 +54,10 @@ def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
     def loss_fn(logits, labels):
         return token_losses(logits, labels, tensor_parallel_size)
 
+    if sp_schedule == "scan" and context.sp_size > 1:
+        return scan_schedule_loss(model, tokens, context, loss_fn, activation_checkpointing,
+                                  return_telemetry)
+    validate_sp_schedule(model.config, sp_schedule)  # an unknown name is an error at any sp
     return sequence_parallel_loss(model, tokens, context, loss_fn, activation_checkpointing,
                                   return_telemetry)
 
@@ -61,12 +72,13 @@ class ParallelObjective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, context: ParallelContext,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, sp_schedule: str = "relay"):
         super().__init__()
         self.model = model
         self.context = context
         self.activation_checkpointing = activation_checkpointing
+        self.sp_schedule = sp_schedule
 
     def forward(self, tokens, return_telemetry: bool = False) -> StepLoss:
         return parallel_loss(self.model, tokens, self.context, self.activation_checkpointing,
-                             return_telemetry)
+                             return_telemetry, self.sp_schedule)

@@ -34,7 +34,7 @@ from titans_train.parallel.validation import validate_zero_stage
 class StepLoss:
     objective: torch.Tensor  # what this rank back-propagates (scaled, relay zeros included)
     loss: torch.Tensor  # detached: the mean token loss of the global batch (all replicas)
-    relay: StateRelay  # call relay.finish() after backward
+    relay: StateRelay  # call relay.finish() after backward (scan schedule: a RelayGroup, same use)
     # With return_telemetry: the model's per-layer memory statistics over this rank's span and
     # heads (detached scalars), else None.
     telemetry: dict[str, torch.Tensor] | None = None
@@ -50,6 +50,36 @@ def span_bounds(seq_len: int, context: ParallelContext) -> tuple[int, int]:
         )
     span = seq_len // context.sp_size
     return context.sp_rank * span, (context.sp_rank + 1) * span
+
+
+def initial_state_zero(layer, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero that uses every parameter of `layer`'s initial state (add it to the loss).
+
+    Parameters that only shape the initial state (the memory's W^0) get no gradient on later
+    spans; a zero-weighted use keeps every parameter in every rank's graph, which bucketed
+    gradient reductions (ZeRO) need to stay in step across ranks.
+    """
+    zero = hidden.new_zeros(())
+    for tensor in layer.initial_state(batch, hidden.device, hidden.dtype).values():
+        if tensor.requires_grad:
+            zero = zero + tensor.sum() * 0
+    return zero
+
+
+def span_step_loss(span_loss_sum: torch.Tensor, relay_zeros: torch.Tensor, relay,
+                   context: ParallelContext, batch: int, seq_len: int,
+                   telemetry: dict[str, torch.Tensor] | None) -> StepLoss:
+    """This rank's objective from its span's summed token loss, and the global mean loss.
+
+    The objective is `sp * span_loss_sum / tokens_per_replica` plus the relay zeros, so that
+    averaging gradients over dp x sp gives the gradient of the global mean (module docstring).
+    """
+    objective = span_loss_sum * (context.sp_size / (batch * seq_len)) + relay_zeros
+    total = span_loss_sum.detach().clone()
+    if context.gradient_group is not None:
+        dist.all_reduce(total, group=context.gradient_group)
+    loss = total / (batch * seq_len * context.data_world_size)
+    return StepLoss(objective=objective, loss=loss, relay=relay, telemetry=telemetry)
 
 
 def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRelay,
@@ -71,13 +101,7 @@ def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRela
         else:
             template = layer.empty_state(batch, position, hidden.device, hidden.dtype)
             incoming = relay.receive(template, anchor)
-            # Parameters that only shape the initial state (the memory's W^0) get no gradient on
-            # later spans; a zero-weighted use keeps every parameter in every rank's graph, which
-            # bucketed gradient reductions (ZeRO) need to stay in step across ranks.
-            initial = layer.initial_state(batch, hidden.device, hidden.dtype)
-            for tensor in initial.values():
-                if tensor.requires_grad:
-                    relay_zeros = relay_zeros + tensor.sum() * 0
+            relay_zeros = relay_zeros + initial_state_zero(layer, batch, hidden)
         if activation_checkpointing and torch.is_grad_enabled() and telemetry is None:
             hidden, outgoing = checkpoint(layer, hidden, incoming, position, use_reentrant=False)
         else:
@@ -107,12 +131,7 @@ def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext
     logits, relay_zeros = forward_span(model, inputs[:, start:stop], start, relay, anchor,
                                        activation_checkpointing, telemetry)
     span_loss_sum = token_loss_fn(logits, labels[:, start:stop]).float().sum()
-    objective = span_loss_sum * (context.sp_size / (batch * seq_len)) + relay_zeros
-    total = span_loss_sum.detach().clone()
-    if context.gradient_group is not None:
-        dist.all_reduce(total, group=context.gradient_group)
-    loss = total / (batch * seq_len * context.data_world_size)
-    return StepLoss(objective=objective, loss=loss, relay=relay, telemetry=telemetry)
+    return span_step_loss(span_loss_sum, relay_zeros, relay, context, batch, seq_len, telemetry)
 
 
 def average_gradients(model, context: ParallelContext) -> None:

@@ -87,13 +87,66 @@ def validate_tp_sequence_sharding(*, tp: int, sp: int, seq_len: int, enabled: bo
         )
 
 
+SP_SCHEDULES = ("relay", "scan")
+
+
+def validate_sp_schedule(model_config, sp_schedule: str, *, sp: int = 1, seq_len: int | None = None,
+                         activation_checkpointing: bool = False, zero_stage: int = 0) -> None:
+    """`parallel.sp_schedule = "scan"` (lockstep span owners, `scan_schedule.py`) needs a memory
+    whose span effect is affine (memory_depth 1) and whose keys, values and gates depend only on
+    the layer input (lmm, mag, mal), and spans at least as long as every exchanged tail."""
+    if sp_schedule not in SP_SCHEDULES:
+        raise ParallelConfigError("parallel.sp_schedule",
+                                  f"must be one of {list(SP_SCHEDULES)}, got {sp_schedule!r}")
+    if sp_schedule == "relay":
+        return
+    variant = model_config.variant
+    if variant == "mac":
+        reason = ("mac's memory stores the attention output, which depends on the retrieval from "
+                  "the incoming memory state, so the state cannot be found before the span runs")
+    elif not model_config.has_memory:
+        reason = f"{variant} has no memory to scan"
+    elif model_config.memory_depth != 1:
+        reason = (f"model.memory_depth = {model_config.memory_depth}: only a linear memory "
+                  "(memory_depth 1) changes its state affinely over a span")
+    elif activation_checkpointing and sp > 1:
+        reason = ("parallel.activation_checkpointing would repeat the neighbour exchanges during "
+                  "recomputation (use the relay, or turn activation checkpointing off)")
+    elif zero_stage == 3 and sp > 1:
+        reason = "ZeRO-3 with the scan schedule is not supported (use zero_stage 1 or 2, or the relay)"
+    else:
+        reason = None
+    if reason is not None:
+        raise ParallelConfigError(
+            "parallel.sp_schedule",
+            f"'scan' cannot run variant {variant} with memory_depth {model_config.memory_depth}: "
+            f"{reason}. Use parallel.sp_schedule=relay (exact for every variant and depth).",
+        )
+    if seq_len is None or sp == 1:
+        return
+    span = seq_len // sp
+    tails = [("model.conv_kernel - 1", model_config.conv_kernel - 1)]
+    if model_config.attention_window is not None:
+        tails.append(("model.window - 1", model_config.attention_window - 1))
+    for name, length in tails:
+        if span < length:
+            raise ParallelConfigError(
+                "parallel.sp_schedule",
+                f"'scan' exchanges tails of {name} = {length} tokens computed from one span alone, "
+                f"but the span seq_len / parallel.sp = {seq_len} / {sp} = {span} is shorter. Use a "
+                "smaller parallel.sp, a longer seq_len, or parallel.sp_schedule=relay.",
+            )
+
+
 def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int,
                              seq_len: int, zero_stage: int = 0,
-                             tp_sequence_sharding: bool = False) -> ParallelLayout:
+                             tp_sequence_sharding: bool = False,
+                             sp_schedule: str = "relay") -> ParallelLayout:
     """All checks at once; returns the (tp, sp, dp) layout. Call before creating process groups."""
     layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
     validate_tensor_parallel(model_config, tp)
     validate_sequence_parallel(model_config, sp, seq_len)
     validate_zero_stage(zero_stage, sp)
     validate_tp_sequence_sharding(tp=tp, sp=sp, seq_len=seq_len, enabled=tp_sequence_sharding)
+    validate_sp_schedule(model_config, sp_schedule, sp=sp, seq_len=seq_len)
     return layout

@@ -69,6 +69,8 @@ class ParallelConfig:
     # Split the residual stream and its norms along the sequence over the tp ranks (Megatron's
     # "sequence parallelism"); ignored at tp = 1; needs seq_len / sp divisible by tp.
     tp_sequence_sharding: bool = False
+    # Sequence-parallel schedule: "relay" (wavefront, any model) or "scan" (lockstep, lmm/mag/mal with memory_depth 1).
+    sp_schedule: str = "relay"
     # "auto": nccl when CUDA is available, gloo otherwise.
     backend: str = "auto"
 

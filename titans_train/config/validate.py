@@ -82,6 +82,7 @@ def validate_parallel(config: DictConfig) -> None:
     from titans_train.parallel.layout import ParallelConfigError
     from titans_train.parallel.validation import (
         validate_sequence_parallel,
+        validate_sp_schedule,
         validate_tensor_parallel,
         validate_tp_sequence_sharding,
     )
@@ -99,6 +100,9 @@ def validate_parallel(config: DictConfig) -> None:
             validate_sequence_parallel(model, parallel.sp, config.train.seq_len)
         validate_tp_sequence_sharding(tp=parallel.tp, sp=parallel.sp, seq_len=config.train.seq_len,
                                       enabled=parallel.tp_sequence_sharding)
+        validate_sp_schedule(model, parallel.sp_schedule, sp=parallel.sp, seq_len=config.train.seq_len,
+                             activation_checkpointing=parallel.activation_checkpointing,
+                             zero_stage=parallel.zero_stage)
     except ParallelConfigError as error:
         raise InvalidValueError(error.key, error.reason) from error
 
