@@ -14,6 +14,8 @@ For each layout (tp, sp) in {(1,1), (1,2), (1,4), (2,1), (2,2)} a world of tp x 
   over ranks) against the model (P-1)/(L+P-1).
 Then the op-level comparison of the two sequence-parallel memory_scans for linear memory:
 the relay (sequential over spans) and the scan over ranks (affine maps).
+With `--sp-schedules`, only the model step under `parallel.sp_schedule` relay vs scan (lmm,
+memory_depth 1) at sp = 2 and 4.
 
 Numbers from a 2-core machine with several processes per core are about the mechanism, not
 about speed: compute is oversubscribed whenever the world exceeds 2.
@@ -188,11 +190,69 @@ def run_linear_scan(repeats: int, span: int, heads: int, dim: int):
     return results
 
 
+def run_sp_schedules(repeats: int):
+    """Model step (forward + backward) of lmm with memory_depth 1 under sp_schedule relay and
+    scan, alternating per repeat in the same processes; median seconds (slowest rank) and the
+    time blocked in receives."""
+    from dataclasses import replace
+
+    from titans_train.model import TitansLM
+    from titans_train.parallel import ParallelContext
+    from titans_train.parallel.parallelize import parallel_loss, parallelize
+
+    context = ParallelContext.initialize(tp=1, sp=dist.get_world_size())
+    torch.manual_seed(0)
+    config = replace(model_config("lmm"), memory_depth=1)
+    model = parallelize(TitansLM(config), None, context)
+    tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN + 1),
+                           generator=torch.Generator().manual_seed(1))
+    times = {"relay": [], "scan": []}
+    waits = {"relay": [], "scan": []}
+    for repeat in range(repeats + 1):
+        for schedule in times:
+            dist.barrier()
+            start = time.perf_counter()
+            step = parallel_loss(model, tokens, context, sp_schedule=schedule)
+            step.objective.backward()
+            step.relay.finish()
+            elapsed = torch.tensor(time.perf_counter() - start)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with its slowest rank
+            model.zero_grad(set_to_none=True)
+            if repeat:  # repeat 0 warms up
+                times[schedule].append(elapsed.item())
+                waits[schedule].append(step.relay.wait_seconds)
+    return {schedule: (statistics.median(times[schedule]), statistics.median(waits[schedule]))
+            for schedule in times}
+
+
+def print_sp_schedules(repeats: int) -> None:
+    config = model_config("lmm")
+    print(f"# sp_schedule relay vs scan: lmm, memory_depth 1, dim={config.dim} layers={config.n_layers} "
+          f"heads={config.n_heads} chunk={config.chunk_size} batch={BATCH} seq_len={SEQ_LEN}, fp32, "
+          f"gloo, 1 thread per process, forward + backward, median of {repeats}")
+    print("| sp | relay s | scan s | scan / relay | blocked in receives, relay | scan | "
+          "(P-1)/(L+P-1) |")
+    print("|---|---|---|---|---|---|---|")
+    for world in (2, 4):
+        results = run_distributed(run_sp_schedules, world_size=world, timeout_s=600, repeats=repeats)
+        relay, scan = results[0]["relay"][0], results[0]["scan"][0]  # the same on every rank
+        # mean over ranks of the fraction of the step spent blocked in receives
+        relay_wait, scan_wait = (statistics.mean(r[schedule][1] / r[schedule][0] for r in results)
+                                 for schedule in ("relay", "scan"))
+        print(f"| {world} | {relay:.3f} | {scan:.3f} | {scan / relay:.2f} | {relay_wait:.2f} | "
+              f"{scan_wait:.2f} | {(world - 1) / (config.n_layers + world - 1):.2f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="lmm")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sp-schedules", action="store_true",
+                        help="only compare parallel.sp_schedule relay and scan (lmm, depth 1)")
     args = parser.parse_args()
+    if args.sp_schedules:
+        print_sp_schedules(args.repeats)
+        return 0
     config = model_config(args.variant)
     print(f"# variant={args.variant} dim={config.dim} layers={config.n_layers} heads={config.n_heads} "
           f"memory_depth={config.memory_depth} batch={BATCH} seq_len={SEQ_LEN} fp32, gloo, "
