@@ -49,7 +49,10 @@ def gather_sequence(shard: torch.Tensor, tp_group) -> torch.Tensor:
     gradient (the consumers are tensor-parallel, each rank's gradient is a partial sum)."""
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    return gather_from_sequence_parallel_region(shard.transpose(0, 1), group=tp_group).transpose(0, 1)
+    gathered = gather_from_sequence_parallel_region(shard.transpose(0, 1), group=tp_group)
+    # One copy back to (B, T, ...) memory order here, instead of one in each of the projections
+    # that read it (a no-op for B = 1).
+    return gathered.transpose(0, 1).contiguous()
 
 
 def reduce_scatter_sequence(partial: torch.Tensor, tp_group) -> torch.Tensor:

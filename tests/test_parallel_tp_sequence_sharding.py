@@ -99,8 +99,8 @@ def check_sharded_layouts(layouts):
 
 
 def check_adamw_steps(tp, sp, variants, steps=3):
-    """Plain AdamW (no DeepSpeed) on the shards for `steps` steps: the losses of every step and
-    the parameters after the last equal the single-process run's."""
+    """Plain AdamW (no DeepSpeed) on the shards for `steps` steps: the losses of every step, the
+    gradients of the first and the parameters after the last equal the single-process run's."""
     records = []
     context = ParallelContext.initialize(tp=tp, sp=sp)
     for variant in variants:
@@ -116,20 +116,24 @@ def check_adamw_steps(tp, sp, variants, steps=3):
             reference_optimizer.zero_grad()
             expected_loss = reference_loss(reference, tokens)
             expected_loss.backward()
-            reference_optimizer.step()
 
             optimizer.zero_grad()
             step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], context)
             step.objective.backward()
             step.relay.finish()
             average_gradients(model, context)
+            if step_index == 0:
+                grad_error, grad_name = worst(
+                    gather_full_gradients(model, context),
+                    {name: p.grad for name, p in reference.named_parameters()})
+            reference_optimizer.step()
             optimizer.step()
             loss_error = max(loss_error, relative_error(step.loss, expected_loss.detach()))
         param_error, param_name = worst(gather_full_parameters(model, context),
                                         {name: p.detach() for name, p in reference.named_parameters()})
         records.append(dict(layout=f"sharded tp={tp} sp={sp} AdamW x{steps}", variant=variant,
-                            loss_error=loss_error, grad_error=0.0, param_error=param_error,
-                            param_name=param_name))
+                            loss_error=loss_error, grad_error=grad_error, grad_name=grad_name,
+                            param_error=param_error, param_name=param_name))
     ParallelContext.destroy()
     return records
 
