@@ -26,7 +26,8 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
     """Shard `model` in place for the layout of `context`.
 
     `parallel_config` is the run's `parallel` section (anything with `tp` and `sp`, optionally
-    `tp_sequence_sharding`); it must agree with the context the groups were built from.
+    `tp_sequence_sharding` and `sp_schedule`); it must agree with the context the groups were
+    built from. The sp schedule is recorded on the model (`model.sp_schedule`) for `parallel_loss`.
     """
     if parallel_config is not None:
         for key in ("tp", "sp"):
@@ -35,17 +36,22 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
                 raise ValueError(f"parallel.{key} = {getattr(parallel_config, key)} but the "
                                  f"process groups were built with {key} = {expected}")
     sequence_sharding = bool(getattr(parallel_config, "tp_sequence_sharding", False))
+    model.sp_schedule = getattr(parallel_config, "sp_schedule", "relay")
+    validate_sp_schedule(model.config, model.sp_schedule)
     return apply_tensor_parallel(model, context, sequence_sharding=sequence_sharding)
 
 
 def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
                   activation_checkpointing: bool = False, return_telemetry: bool = False,
-                  sp_schedule: str = "relay") -> StepLoss:
+                  sp_schedule: str | None = None) -> StepLoss:
     """Loss of this replica's micro-batch `tokens` (B, T+1) under any (tp, sp) layout.
 
     `sp_schedule` (`parallel.sp_schedule`): "relay", the span owners' wavefront (any model), or
-    "scan", all span owners in lockstep (linear memory in lmm/mag/mal; `scan_schedule.py`).
+    "scan", all span owners in lockstep (linear memory in lmm/mag/mal; `scan_schedule.py`);
+    None: the one `parallelize` recorded from the config (default "relay").
     """
+    if sp_schedule is None:
+        sp_schedule = getattr(model, "sp_schedule", "relay")
     tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
     if tensor_parallel_size != context.tp_size:
         raise RuntimeError(f"the model is sharded for tp = {tensor_parallel_size}, the context has "
@@ -72,7 +78,7 @@ class ParallelObjective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, context: ParallelContext,
-                 activation_checkpointing: bool = False, sp_schedule: str = "relay"):
+                 activation_checkpointing: bool = False, sp_schedule: str | None = None):
         super().__init__()
         self.model = model
         self.context = context

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from titans_train.config import InvalidValueError, load_recipe
 from titans_train.model import TitansLM
 from titans_train.parallel import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
-from titans_train.parallel.parallelize import parallel_loss, parallelize
+from titans_train.parallel.parallelize import ParallelObjective, parallel_loss, parallelize
 from titans_train.parallel.sequence_parallel import average_gradients
 from titans_train.parallel.tensor_parallel import gather_full_gradients, unshard
 from titans_train.parallel.validation import validate_parallel_layout, validate_sp_schedule
@@ -57,7 +58,9 @@ def check_scan_layouts(layouts):
             model = TitansLM(linear_config(variant))
             reference = copy.deepcopy(model)
             reference_optimizer = _optimizer(reference.parameters())
-            parallelize(model, None, context)
+            # the trainer's route: parallelize records the config's schedule, the objective uses it
+            parallelize(model, SimpleNamespace(tp=tp, sp=sp, sp_schedule="scan"), context)
+            objective = ParallelObjective(model, context)
             optimizer = _optimizer(model.parameters())
             loss_error = 0.0
             for step_index in range(STEPS):
@@ -69,8 +72,7 @@ def check_scan_layouts(layouts):
                 reference_optimizer.step()
 
                 optimizer.zero_grad()
-                step = parallel_loss(model, tokens.chunk(dp)[context.data_rank], context,
-                                     sp_schedule="scan")
+                step = objective(tokens.chunk(dp)[context.data_rank])
                 step.objective.backward()
                 step.relay.finish()
                 average_gradients(model, context)
@@ -88,11 +90,12 @@ def check_scan_layouts(layouts):
                 evaluation.relay.finish()
                 expected = reference_loss(reference, tokens)
                 expected_telemetry = reference(tokens[:1, :-1], return_telemetry=True).telemetry
+            schedules = {type(step.relay).__name__, type(evaluation.relay).__name__}
             records.append(dict(
                 layout=f"scan tp={tp} sp={sp} dp={dp}", variant=variant,
                 loss_error=max(loss_error, relative_error(evaluation.loss, expected)),
                 grad_error=grad_error, grad_name=grad_name, param_error=param_error,
-                param_name=param_name,
+                param_name=param_name, schedules=schedules,
                 telemetry_keys=(sorted(evaluation.telemetry), sorted(expected_telemetry))))
     ParallelContext.destroy()
     return records
@@ -103,6 +106,7 @@ def test_scan_schedule_matches_one_process_at_sp4_tp2_sp2_and_sp2_dp2():
     records = run_distributed(check_scan_layouts, world_size=4, timeout_s=240,
                               layouts=[(1, 4), (2, 2), (1, 2)])[0]
     assert len(records) == 3 * len(SCAN_VARIANTS)
+    assert all(record["schedules"] == {"RelayGroup"} for record in records)  # the scan ran, not the relay
     assert_records(records)
 
 
