@@ -10,6 +10,7 @@ exactness, the point of the option is checked: the hidden states between blocks 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,6 +37,8 @@ from titans_train.parallel.sequence_parallel import average_gradients
 from titans_train.parallel.tensor_parallel import gather_full_gradients, gather_full_parameters
 from titans_train.parallel.validation import validate_parallel_layout, validate_tp_sequence_sharding
 
+SCAN_VARIANTS = ("lmm", "mag", "mal")  # the linear-memory variants sp_schedule="scan" runs
+
 
 def _record_hidden(model: TitansLM) -> list[torch.Tensor]:
     """Hooks keeping the embedding output and every block's output hidden states."""
@@ -51,13 +54,15 @@ def _sharded(tp: int, sp: int) -> ParallelConfig:
 
 
 def check_sharded_layouts(layouts):
-    """(tp, sp, activation checkpointing, variants): loss, gradients and hidden-state shards."""
+    """(tp, sp, activation checkpointing, variants, sp schedule): loss, gradients and hidden-state
+    shards. The "scan" schedule runs linear memories (memory_depth 1)."""
     records = []
-    for tp, sp, activation_checkpointing, variants in layouts:
+    for tp, sp, activation_checkpointing, variants, sp_schedule in layouts:
         context = ParallelContext.initialize(tp=tp, sp=sp)
         for variant in variants:
             torch.manual_seed(0)
-            model = TitansLM(tiny_config(variant))
+            config = tiny_config(variant)
+            model = TitansLM(replace(config, memory_depth=1) if sp_schedule == "scan" else config)
             reference = copy.deepcopy(model)
             tokens = global_batch(seed=1, samples=MICRO_BATCH * context.layout.dp)
             replica_tokens = tokens.chunk(context.layout.dp)[context.data_rank]
@@ -68,13 +73,14 @@ def check_sharded_layouts(layouts):
 
             parallelize(model, _sharded(tp, sp), context)
             hidden = _record_hidden(model)
-            step = parallel_loss(model, replica_tokens, context, activation_checkpointing)
+            step = parallel_loss(model, replica_tokens, context, activation_checkpointing,
+                                 sp_schedule=sp_schedule)
             step.objective.backward()
             step.relay.finish()
             average_gradients(model, context)
             grad_error, grad_name = worst(gather_full_gradients(model, context), expected_grads)
             with torch.no_grad():
-                evaluation = parallel_loss(model, replica_tokens, context)
+                evaluation = parallel_loss(model, replica_tokens, context, sp_schedule=sp_schedule)
                 evaluation.relay.finish()
 
             # This rank's tokens: its span (sp), then its shard of the span (tp).
@@ -85,7 +91,8 @@ def check_sharded_layouts(layouts):
             hidden_error = max(
                 relative_error(value, expected[first_sample, start:start + shard_len])
                 for value, expected in zip(hidden, expected_hidden))
-            layout = f"sharded tp={tp} sp={sp} dp={context.layout.dp}" + " ckpt" * activation_checkpointing
+            layout = (f"sharded tp={tp} sp={sp} dp={context.layout.dp} {sp_schedule}"
+                      + " ckpt" * activation_checkpointing)
             records.append(dict(
                 layout=layout, variant=variant,
                 loss_error=max(relative_error(step.loss, expected_loss.detach()),
@@ -156,7 +163,7 @@ def assert_sharded(records):
 def test_tp2_sharded_matches_one_process_for_every_variant_with_checkpointing_and_adamw():
     records, adamw_records = run_distributed(
         check_layouts_and_steps, world_size=2, timeout_s=180,
-        layouts=[(2, 1, False, VARIANTS), (2, 1, True, ("mac", "mag"))],
+        layouts=[(2, 1, False, VARIANTS, "relay"), (2, 1, True, ("mac", "mag"), "relay")],
         adamw=dict(tp=2, sp=1, variants=("mac", "mal")))[0]
     assert len(records) == len(VARIANTS) + 2
     assert_sharded(records)
@@ -165,11 +172,12 @@ def test_tp2_sharded_matches_one_process_for_every_variant_with_checkpointing_an
 
 
 @pytest.mark.slow
-def test_tp2_sp2_sharded_matches_one_process_for_every_variant():
+def test_tp2_sp2_sharded_matches_one_process_for_every_variant_and_the_scan_schedule():
     records, adamw_records = run_distributed(
         check_layouts_and_steps, world_size=4, timeout_s=240,
-        layouts=[(2, 2, False, VARIANTS)], adamw=dict(tp=2, sp=2, variants=("mag",)))[0]
-    assert len(records) == len(VARIANTS)
+        layouts=[(2, 2, False, VARIANTS, "relay"), (2, 2, False, SCAN_VARIANTS, "scan")],
+        adamw=dict(tp=2, sp=2, variants=("mag",)))[0]
+    assert len(records) == len(VARIANTS) + len(SCAN_VARIANTS)
     assert_sharded(records)
     assert_records(adamw_records)
 
