@@ -27,7 +27,6 @@ from titans_train.parallel.megatron_cpu import install_megatron_cpu_shim
 from titans_train.parallel.validation import (
     validate_sequence_parallel,
     validate_tensor_parallel,
-    validate_zero_stage,
 )
 
 # megatron-core's rank order: tp fastest, then cp (our sp), then ep (1) and dp, pp (1) last.
@@ -60,12 +59,11 @@ class ParallelContext:
 
     @classmethod
     def initialize(cls, tp: int = 1, sp: int = 1, *, model_config=None,
-                   seq_len: int | None = None, zero_stage: int | None = None) -> ParallelContext:
+                   seq_len: int | None = None) -> ParallelContext:
         """Validate (tp, sp) against the world, then build the groups with megatron-core.
 
         With `model_config` (a TitansConfig) and `seq_len`, the head counts and span lengths are
-        validated too, and with `zero_stage` its compatibility with sp, all before any group is
-        created. Call after
+        validated too, before any group is created. Call after
         `torch.distributed.init_process_group` (or `deepspeed.init_distributed`); in a single
         process without it, only tp = sp = 1 is valid and no groups are built.
         """
@@ -75,8 +73,6 @@ class ParallelContext:
             validate_tensor_parallel(model_config, tp)
             if seq_len is not None:
                 validate_sequence_parallel(model_config, sp, seq_len)
-        if zero_stage is not None:
-            validate_zero_stage(zero_stage, sp)
         if not dist.is_initialized():
             return cls(layout=layout, rank=0)
 
@@ -159,9 +155,10 @@ class ParallelContext:
     def sp_next_rank(self) -> int | None:
         return self.layout.sp_neighbours(self.rank)[1]
 
-    def mpu(self) -> DeepSpeedMPU:
-        """DeepSpeed's model-parallel unit: data-parallel = dp x sp, model-parallel = tp."""
-        return DeepSpeedMPU(self)
+    def mpu(self, partition_over_sp: bool = True) -> DeepSpeedMPU:
+        """DeepSpeed's model-parallel unit: data-parallel = dp x sp (dp alone without
+        `partition_over_sp`, see `parallel/zero.py`), model-parallel = tp."""
+        return DeepSpeedMPU(self, partition_over_sp)
 
     @staticmethod
     def destroy() -> None:
@@ -177,25 +174,29 @@ class DeepSpeedMPU:
 
     Its data-parallel group is dp x sp, so ZeRO averages gradients and shards optimizer state
     over every replica of a tp shard, including the span owners of one sequence (each holds the
-    whole parameter shard). Its model-parallel group is tp, so gradient-norm clipping counts each
-    tp shard once. It deliberately has no `get_sequence_parallel_*` methods: those switch on
-    DeepSpeed's Ulysses sequence parallelism, a different scheme that divides the batch size.
+    whole parameter shard). ZeRO-3 with sp > 1 gets dp alone (`partition_over_sp=False`): its
+    parameter gathers must stay among ranks at the same span position (`parallel/zero.py`).
+    Its model-parallel group is tp, so gradient-norm clipping counts each tp shard once. It
+    deliberately has no `get_sequence_parallel_*` methods: those switch on DeepSpeed's Ulysses
+    sequence parallelism, a different scheme that divides the batch size.
     """
 
-    def __init__(self, context: ParallelContext):
+    def __init__(self, context: ParallelContext, partition_over_sp: bool = True):
         self._context = context
+        self._partition_over_sp = partition_over_sp
 
     def get_data_parallel_group(self):
-        return self._context.gradient_group
+        return self._context.gradient_group if self._partition_over_sp else self._context.dp_group
 
     def get_data_parallel_rank(self) -> int:
-        return dist.get_rank(group=self._context.gradient_group)
+        return dist.get_rank(group=self.get_data_parallel_group())
 
     def get_data_parallel_world_size(self) -> int:
-        return self._context.layout.dp * self._context.layout.sp
+        return len(self.get_data_parallel_group_ranks())
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return self._context.layout.gradient_group(self._context.rank)
+        layout, rank = self._context.layout, self._context.rank
+        return layout.gradient_group(rank) if self._partition_over_sp else layout.dp_group(rank)
 
     def get_model_parallel_group(self):
         return self._context.tp_group

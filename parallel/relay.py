@@ -118,6 +118,15 @@ class StateRelay:
         keys = sorted(state)
         return _SendState.apply(self, anchor, *(state[key] for key in keys))
 
+    def discard(self, state: LayerState, anchor: torch.Tensor) -> torch.Tensor:
+        """The last span owner's outgoing state: a zero (add it to the loss) whose backward gives
+        every state tensor a zero gradient, as `send`'s backward gives them their gradients.
+
+        Every span owner then runs the same backward graph, module by module; ZeRO-3 checks that
+        the modules it gathers parameters for come in the same order on every rank."""
+        keys = sorted(state)
+        return _DiscardState.apply(anchor, *(state[key] for key in keys))
+
 
 class _ReceiveState(torch.autograd.Function):
     @staticmethod
@@ -150,3 +159,14 @@ class _SendState(torch.autograd.Function):
         buffers = _empty_buffers(ctx.specs)
         ctx.relay._recv(buffers, ctx.relay.next_rank)
         return (None, None, *_unpack(buffers, ctx.specs))
+
+
+class _DiscardState(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, *state: torch.Tensor):
+        ctx.specs = [_spec(t) for t in state]
+        return torch.zeros((), dtype=anchor.dtype, device=anchor.device)
+
+    @staticmethod
+    def backward(ctx, _grad_zero):
+        return (None, *(torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device) for spec in ctx.specs))

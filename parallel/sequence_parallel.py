@@ -27,7 +27,6 @@ from torch.utils.checkpoint import checkpoint
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
 from titans_train.parallel.relay import StateRelay
-from titans_train.parallel.validation import validate_zero_stage
 
 
 @dataclass
@@ -95,19 +94,26 @@ def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRela
     batch = input_ids.shape[0]
     hidden = model.embed_tokens(input_ids)  # (B, S, D)
     relay_zeros = anchor.new_zeros(())
+    # ZeRO-3 (parameters carry `ds_status`) reduces gradients only among ranks at the same span
+    # position (parallel/zero.py), so the initial state needs no place in later spans' graphs;
+    # its partitioned parameters cannot be read outside their module's forward either.
+    zero3_partitioned = any(hasattr(p, "ds_status") for p in model.parameters())
     for layer in model.layers:
         if relay.previous_rank is None:
             incoming = None  # the first span starts from the layer's own initial state
         else:
             template = layer.empty_state(batch, position, hidden.device, hidden.dtype)
             incoming = relay.receive(template, anchor)
-            relay_zeros = relay_zeros + initial_state_zero(layer, batch, hidden)
+            if not zero3_partitioned:
+                relay_zeros = relay_zeros + initial_state_zero(layer, batch, hidden)
         if activation_checkpointing and torch.is_grad_enabled() and telemetry is None:
             hidden, outgoing = checkpoint(layer, hidden, incoming, position, use_reentrant=False)
         else:
             hidden, outgoing = layer(hidden, incoming, position, telemetry)
         if relay.next_rank is not None:
             relay_zeros = relay_zeros + relay.send(outgoing, anchor)
+        elif relay.previous_rank is not None and torch.is_grad_enabled():
+            relay_zeros = relay_zeros + relay.discard(outgoing, anchor)
     return model.final_logits(hidden), relay_zeros
 
 
@@ -119,8 +125,6 @@ def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext
     `token_loss_fn(logits, labels) -> (B, S)` per-token losses (vocab-parallel under tp).
     Every rank of a replica passes the same `tokens`; each takes its own span.
     """
-    if context.sp_size > 1 and any(hasattr(p, "ds_status") for p in model.parameters()):
-        validate_zero_stage(3, context.sp_size)  # parameters partitioned by ZeRO-3: refuse
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch, seq_len = inputs.shape
     start, stop = span_bounds(seq_len, context)

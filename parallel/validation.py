@@ -55,19 +55,6 @@ def validate_sequence_parallel(model_config, sp: int, seq_len: int) -> None:
             )
 
 
-def validate_zero_stage(zero_stage: int, sp: int) -> None:
-    """ZeRO-3 gathers each layer's parameters with a collective over dp x sp just before the
-    layer runs; span owners run a layer at different times (the wavefront), so with sp > 1 rank
-    r would wait in that gather for rank r+1, which waits in its receive for rank r."""
-    if zero_stage == 3 and sp > 1:
-        raise ParallelConfigError(
-            "parallel.zero_stage",
-            f"ZeRO-3 cannot be combined with parallel.sp = {sp} (its per-layer parameter gathers "
-            "over dp x sp deadlock against the sequence wavefront). Use parallel.zero_stage 1 or 2 "
-            "with sequence parallelism, or parallel.sp = 1 (use parallel.tp to cut parameter memory).",
-        )
-
-
 def validate_tp_sequence_sharding(*, tp: int, sp: int, seq_len: int, enabled: bool) -> None:
     """With `parallel.tp_sequence_sharding` each span of seq_len / sp tokens is split over the tp
     ranks in the norm regions, so it must divide by tp. At tp = 1 the option changes nothing and
@@ -139,14 +126,13 @@ def validate_sp_schedule(model_config, sp_schedule: str, *, sp: int = 1, seq_len
 
 
 def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int,
-                             seq_len: int, zero_stage: int = 0,
+                             seq_len: int,
                              tp_sequence_sharding: bool = False,
                              sp_schedule: str = "relay") -> ParallelLayout:
     """All checks at once; returns the (tp, sp, dp) layout. Call before creating process groups."""
     layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
     validate_tensor_parallel(model_config, tp)
     validate_sequence_parallel(model_config, sp, seq_len)
-    validate_zero_stage(zero_stage, sp)
     validate_tp_sequence_sharding(tp=tp, sp=sp, seq_len=seq_len, enabled=tp_sequence_sharding)
     validate_sp_schedule(model_config, sp_schedule, sp=sp, seq_len=seq_len)
     return layout

@@ -24,6 +24,7 @@ from titans_train.parallel import ParallelContext
 from titans_train.parallel.parallelize import ParallelObjective, parallel_loss, parallelize
 from titans_train.parallel.sequence_parallel import average_gradients
 from titans_train.parallel.tensor_parallel import gather_full_gradients, unshard
+from titans_train.parallel.zero import deepspeed_batch_settings, initialize_engine, optimizer_step
 
 TOLERANCE = 1e-5
 VOCAB = 70  # not a multiple of tp = 2 or 4: exercises the vocabulary padding
@@ -138,14 +139,14 @@ def _optimizer(parameters):
     return torch.optim.AdamW(parameters, lr=1e-2, eps=1e-3, weight_decay=0.1, foreach=False)
 
 
-def build_engine(model, context, stage, accumulation=1):
-    deepspeed = _deepspeed()
+def build_engine(model, context, stage, accumulation=1, reduce_bucket_size=None):
+    """A DeepSpeed engine around the parallel objective. A small `reduce_bucket_size` makes ZeRO
+    reduce gradient buckets during backward, as it does on models larger than the default
+    5e8-element bucket."""
+    _deepspeed()
     objective = ParallelObjective(model, context)
-    replicas = context.layout.dp * context.layout.sp  # DeepSpeed's data-parallel world (mpu)
     config = {
-        "train_batch_size": MICRO_BATCH * accumulation * replicas,
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": accumulation,
+        **deepspeed_batch_settings(context, stage, MICRO_BATCH, accumulation),
         "gradient_clipping": CLIP,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
@@ -153,12 +154,21 @@ def build_engine(model, context, stage, accumulation=1):
     }
     if stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=_optimizer(objective.parameters()),
-                                      config=config, mpu=context.mpu(), dist_init_required=False)
+    if reduce_bucket_size is not None:
+        config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
+    engine, *_ = initialize_engine(objective, _optimizer(objective.parameters()), config, context)
     return engine
 
 
-def check_zero_layouts(layouts, steps=3, variants=VARIANTS):
+def micro_step(engine):
+    """`optimizer_step`'s forward: (objective, loss, finish) of one micro-batch."""
+    def forward(tokens):
+        step = engine(tokens)
+        return step.objective, step.loss, step.relay.finish
+    return forward
+
+
+def check_zero_layouts(layouts, steps=3, variants=VARIANTS, reduce_bucket_size=None):
     """(tp, sp, ZeRO stage, gradient accumulation): the loss of every optimizer step, the
     gradients of the first (later ones are taken at parameters that already differ by round-off
     amplified through Adam) and the parameters after the last."""
@@ -173,8 +183,9 @@ def check_zero_layouts(layouts, steps=3, variants=VARIANTS):
             reference = copy.deepcopy(model)
             reference_optimizer = _optimizer(reference.parameters())
             parallelize(model, None, context)
-            engine = build_engine(model, context, stage, accumulation)
-            loss_error = 0.0
+            engine = build_engine(model, context, stage, accumulation, reduce_bucket_size)
+            loss_error = grad_error = 0.0
+            grad_name = ""
             for step_index in range(steps):
                 samples = MICRO_BATCH * accumulation * context.layout.dp
                 tokens = global_batch(seed=100 + step_index, samples=samples)
@@ -185,18 +196,16 @@ def check_zero_layouts(layouts, steps=3, variants=VARIANTS):
                 torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
                 reference_optimizer.step()
 
-                micro_losses = []
                 replica_tokens = tokens.chunk(context.layout.dp)[context.data_rank]
-                for micro_index, micro_tokens in enumerate(replica_tokens.chunk(accumulation)):
-                    step = engine(micro_tokens)
-                    engine.backward(step.objective)
-                    step.relay.finish()
-                    micro_losses.append(step.loss)
-                    if step_index == 0 and micro_index == accumulation - 1:
-                        # Gradients compared where both runs stand at the same parameters.
+
+                def compare_gradients():
+                    nonlocal grad_error, grad_name
+                    if step_index == 0:  # where both runs stand at the same parameters
                         local_grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
                         grad_error, grad_name = worst(unshard(model, context, local_grads), expected_grads)
-                    engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+
+                micro_losses = optimizer_step(engine, context, replica_tokens.chunk(accumulation),
+                                              micro_step(engine), after_backward=compare_gradients)
                 mean_loss = torch.stack(micro_losses).mean()  # equal token counts per micro-batch
                 loss_error = max(loss_error, relative_error(mean_loss, expected_loss.detach()))
             local_params = {name: safe_get_full_fp32_param(p) if stage else p.detach()
@@ -227,11 +236,9 @@ def check_resume(tp, sp, stage, directory, variant="mac"):
         losses = []
         for step_index in range(first, last):
             tokens = global_batch(seed=200 + step_index, samples=MICRO_BATCH * context.layout.dp)
-            step = engine(tokens.chunk(context.layout.dp)[context.data_rank])
-            engine.backward(step.objective)
-            step.relay.finish()
-            engine.step()
-            losses.append(step.loss.item())
+            (loss,) = optimizer_step(engine, context, [tokens.chunk(context.layout.dp)[context.data_rank]],
+                                     micro_step(engine))
+            losses.append(loss.item())
         return losses
 
     engine = fresh_engine(seed=0)
@@ -302,6 +309,38 @@ def test_zero2_tp2_sp2_matches_one_process_over_three_steps():
                               layouts=[(2, 2, 2, 1)], variants=("mac", "mal"))[0]
     assert len(records) == 2
     assert_records(records)
+
+
+@pytest.mark.slow
+def test_zero3_with_sequence_parallelism_matches_one_process_over_three_steps():
+    # ZeRO-3 shards over dp only when sp > 1 (parallel/zero.py); with 2 accumulated micro-batches
+    records = run_distributed(check_zero_layouts, world_size=4, timeout_s=300,
+                              layouts=[(1, 2, 3, 2)])[0]
+    records += run_distributed(check_zero_layouts, world_size=4, timeout_s=150,
+                               layouts=[(2, 2, 3, 1)], variants=("mac", "mal"))[0]
+    assert len(records) == len(VARIANTS) + 2
+    assert_records(records)
+
+
+@pytest.mark.slow
+def test_zero_reductions_wait_for_the_sequence_wavefront():
+    # A 500-element bucket makes ZeRO-2 reduce during backward, as on any model larger than the
+    # default bucket: without deferring the reductions these layouts deadlock (the launch times out).
+    records = run_distributed(check_zero_layouts, world_size=2, timeout_s=150,
+                              layouts=[(1, 2, 2, 2), (1, 2, 1, 1), (1, 2, 0, 2)], variants=("mac", "lmm"),
+                              reduce_bucket_size=500)[0]
+    assert len(records) == 3 * 2
+    assert_records(records)
+
+
+@pytest.mark.slow
+def test_checkpoint_resumes_with_identical_losses_under_sp2_dp2_zero3(tmp_path):
+    # The sp replicas of a ZeRO-3 shard would write the same files: only sp rank 0 writes them.
+    results = run_distributed(check_resume, world_size=4, timeout_s=150, tp=1, sp=2, stage=3,
+                              directory=str(tmp_path / "checkpoint"))
+    continued, resumed = results[0]
+    assert resumed == continued
+    assert all(result == results[0] for result in results)
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ from titans_train.parallel.validation import (
     validate_parallel_layout,
     validate_sequence_parallel,
     validate_tensor_parallel,
-    validate_zero_stage,
 )
 
 
@@ -67,12 +66,3 @@ def test_attention_baselines_need_whole_spans_only():
 def test_world_not_divisible_is_reported_first():
     with pytest.raises(ParallelConfigError, match=r"world size 6 is not divisible by parallel.tp x parallel.sp = 2 x 2 = 4"):
         validate_parallel_layout(config(), tp=2, sp=2, world_size=6, seq_len=32)
-
-
-def test_zero3_with_sequence_parallelism_is_refused():
-    with pytest.raises(ParallelConfigError) as info:
-        validate_parallel_layout(config(), tp=1, sp=2, world_size=4, seq_len=32, zero_stage=3)
-    assert info.value.key == "parallel.zero_stage"
-    assert "parallel.zero_stage 1 or 2" in str(info.value)
-    validate_zero_stage(3, 1)
-    validate_zero_stage(2, 4)

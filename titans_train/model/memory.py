@@ -57,19 +57,21 @@ class NeuralMemory(nn.Module):
                                 "alpha_proj": config.alpha_bias_init}
         widths = [self.head_dim] + [config.memory_expansion * self.head_dim] * (config.memory_depth - 1)
         widths.append(self.head_dim)
+        # (d_out, d_in) of each memory MLP layer, per head. State shapes come from here, not from
+        # the parameters: a ZeRO-3 partitioned parameter does not have its shape.
+        self.layer_shapes = [(d_out, d_in) for d_in, d_out in zip(widths[:-1], widths[1:])]
         # W^0, learned, one set per head (head leading), broadcast over the batch.
         self.initial_weights = nn.ParameterList(
-            nn.Parameter(torch.empty(self.n_memory_heads, d_out, d_in))
-            for d_in, d_out in zip(widths[:-1], widths[1:])
+            nn.Parameter(torch.empty(self.n_memory_heads, *shape)) for shape in self.layer_shapes
         )
 
     # -- state ---------------------------------------------------------------------------------
     def state_shapes(self, batch_size: int, position: int, block_len: int) -> dict[str, tuple[int, ...]]:
         heads, open_len = self.n_memory_heads, position % block_len
         shapes: dict[str, tuple[int, ...]] = {}
-        for layer, weight in enumerate(self.initial_weights):
-            shapes[f"weights.{layer}"] = (batch_size, heads, *weight.shape[1:])
-            shapes[f"momentum.{layer}"] = (batch_size, heads, *weight.shape[1:])
+        for layer, shape in enumerate(self.layer_shapes):
+            shapes[f"weights.{layer}"] = (batch_size, heads, *shape)
+            shapes[f"momentum.{layer}"] = (batch_size, heads, *shape)
         shapes["open_keys"] = shapes["open_values"] = (batch_size, heads, open_len, self.head_dim)
         for gate in ("open_theta", "open_eta", "open_alpha"):
             shapes[gate] = (batch_size, heads, open_len)

@@ -1,0 +1,187 @@
+"""DeepSpeed ZeRO under sequence parallelism: keep ZeRO's collectives out of the wavefront.
+
+Span owners reach a layer at different times (the wavefront of `sequence_parallel.py`), so any
+collective that spans several sp ranks and is issued *inside* forward or backward deadlocks: rank
+r waits in it for rank r+1, which waits in a relay receive for rank r. DeepSpeed issues two kinds
+of such collectives:
+
+- gradient reductions during backward: ZeRO-2 and ZeRO-3 reduce a bucket as soon as it fills
+  (any model larger than `reduce_bucket_size`, 5e8 elements by default), ZeRO-1 and -2 with
+  `overlap_comm` at the accumulation boundary;
+- ZeRO-3's parameter all-gathers, in every layer's forward and backward.
+
+With sp > 1, `optimizer_step` therefore runs the micro-steps of one optimizer step inside
+DeepSpeed's `engine.coalesce_grad_reduction()`: gradients accumulate locally and are reduced once,
+after the last backward, when every rank has left the wavefront. DeepSpeed then sees one
+micro-batch per step (its `gradient_accumulation_steps` is 1, see `deepspeed_batch_settings`) and
+the objective is scaled by 1 / accumulation here. Stage 0 and DeepSpeed's bf16 wrappers have no
+coalescing and need none: they reduce after backward.
+
+For ZeRO-3 with sp > 1 DeepSpeed's data-parallel group is dp only (`zero_partitions_over_sp`): the
+ranks that gather each other's parameter shards then sit at the same span position and run in
+lockstep. Parameters and optimizer state are sharded over dp and replicated over the sp ranks of
+a replica (the memory cost of this layout), and the sp average of the gradients happens here,
+between the last backward and DeepSpeed's reduction over dp. The sp replicas would write the
+same ZeRO checkpoint files, so only sp rank 0 writes them (`initialize_engine`); on load every
+replica reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from titans_train.parallel.context import ParallelContext
+
+# forward(tokens) -> (what to back-propagate, the detached loss to log, what to call after backward)
+MicroStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Callable[[], None]]]
+
+
+def zero_partitions_over_sp(zero_stage: int, sp: int) -> bool:
+    """Whether ZeRO's data-parallel group (sharding and gradient averaging) includes the sp ranks."""
+    return not (zero_stage == 3 and sp > 1)
+
+
+def deepspeed_data_parallel_size(context: ParallelContext, zero_stage: int) -> int:
+    layout = context.layout
+    return layout.dp * layout.sp if zero_partitions_over_sp(zero_stage, layout.sp) else layout.dp
+
+
+def deepspeed_batch_settings(context: ParallelContext, zero_stage: int, micro_batch_size: int,
+                             accumulation_steps: int) -> dict[str, int]:
+    """DeepSpeed's batch keys. Its data-parallel world counts the sp ranks of a replica (they
+    share their samples) unless ZeRO-3 shards over dp only; with sp > 1 accumulation is ours."""
+    deepspeed_accumulation = accumulation_steps if context.sp_size == 1 else 1
+    return {
+        "train_batch_size": micro_batch_size * deepspeed_accumulation
+        * deepspeed_data_parallel_size(context, zero_stage),
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": deepspeed_accumulation,
+    }
+
+
+def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any], context: ParallelContext,
+                      lr_scheduler=None):
+    """`deepspeed.initialize` with the mpu for this layout and ZeRO stage: (engine, optimizer,
+    scheduler). `config` must hold the keys of `deepspeed_batch_settings`."""
+    import deepspeed
+
+    zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    engine, deepspeed_optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
+        mpu=context.mpu(partition_over_sp=zero_partitions_over_sp(zero_stage, context.sp_size)),
+        dist_init_required=False,
+    )
+    if zero_stage == 3:
+        _register_initial_state_parameters(engine.module)
+    if not zero_partitions_over_sp(zero_stage, context.sp_size) and context.sp_rank > 0:
+        # Same dp rank and tp rank as sp rank 0, so the same file names, and the same contents.
+        engine.save_zero_checkpoint = False
+        engine.save_non_zero_checkpoint = False
+    return engine, deepspeed_optimizer, scheduler
+
+
+def _register_initial_state_parameters(model: torch.nn.Module) -> None:
+    """Tell ZeRO-3 that the parameters a layer builds its initial state from (the memory's W^0,
+    held in an `nn.ParameterList`) belong to that layer.
+
+    ZeRO-3 gathers a module's own parameters when the module runs. A parameter container has no
+    forward, so its parameters would be gathered on first access and only then registered with
+    the module running at that moment. Only the first span owner builds an initial state, so the
+    span owners' lists of gathered parameters would differ, which ZeRO-3 refuses (it checks them
+    across all ranks). Registered with the layer (the outermost module with `initial_state`),
+    they are gathered while the layer runs, on every span owner alike.
+    """
+    from deepspeed.runtime.zero import register_external_parameter
+
+    covered: set[int] = set()
+    for module in model.modules():  # pre-order: a layer comes before its mixer and memory
+        if id(module) in covered or not hasattr(module, "initial_state"):
+            continue
+        for submodule in module.modules():
+            covered.add(id(submodule))
+            if isinstance(submodule, (torch.nn.ParameterList, torch.nn.ParameterDict)):
+                for parameter in submodule.parameters():
+                    register_external_parameter(module, parameter)
+
+
+def _average_over_sp(model: torch.nn.Module, context: ParallelContext) -> None:
+    """Mean of every gradient over the sp group, one all-reduce per dtype.
+
+    Runs on gradients DeepSpeed holds back (coalesced) at full shape; a parameter only some span
+    owners used (the memory's W^0 shapes only the first span) counts as zero elsewhere.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for parameter in parameters:
+        if parameter.grad is None:
+            # A ZeRO-3 parameter's tensor is its (often empty) partition while its gradient is
+            # full-size until DeepSpeed reduces it; `.data` skips autograd's shape check, as
+            # DeepSpeed's own gradient handling does.
+            parameter.grad = torch.zeros_like(parameter)
+            parameter.grad.data = torch.zeros(getattr(parameter, "ds_shape", parameter.shape),
+                                              dtype=parameter.dtype, device=parameter.device)
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for parameter in parameters:
+        by_dtype.setdefault(parameter.grad.dtype, []).append(parameter)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat, group=context.sp_group)
+        flat.div_(context.sp_size)
+        for parameter, piece in zip(group, flat.split([p.grad.numel() for p in group])):
+            parameter.grad.copy_(piece.view_as(parameter.grad))
+
+
+@contextlib.contextmanager
+def _reductions_after_backward(engine, context: ParallelContext):
+    if not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
+        yield  # stage 0 and the bf16 wrappers reduce in backward's epilogue, after the wavefront
+        return
+    with engine.coalesce_grad_reduction():
+        yield
+        if not zero_partitions_over_sp(engine.zero_optimization_stage(), context.sp_size):
+            _average_over_sp(engine.module, context)
+
+
+def optimizer_step(engine, context: ParallelContext, micro_batches: Iterable[torch.Tensor],
+                   forward: MicroStep, after_backward: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """Forward and backward of every micro-batch of one optimizer step, then the step.
+
+    `after_backward` runs once, after the last backward, when the gradients are reduced and
+    before the optimizer consumes them. Returns the micro-batches' losses.
+    """
+    micro_batches = list(micro_batches)
+    losses = []
+    if context.sp_size == 1:  # DeepSpeed's own accumulation: it steps at its boundary
+        for index, tokens in enumerate(micro_batches):
+            objective, loss, finish = forward(tokens)
+            engine.backward(objective)
+            finish()
+            losses.append(loss)
+            if index == len(micro_batches) - 1 and after_backward is not None:
+                after_backward()
+            engine.step()
+        return losses
+    scale = 1.0 / len(micro_batches)
+    with _reductions_after_backward(engine, context):
+        for tokens in micro_batches:
+            objective, loss, finish = forward(tokens)
+            engine.backward(objective * scale)
+            finish()
+            losses.append(loss)
+    if after_backward is not None:
+        after_backward()
+    engine.step()
+    return losses
+
+
+__all__ = [
+    "deepspeed_batch_settings",
+    "deepspeed_data_parallel_size",
+    "initialize_engine",
+    "optimizer_step",
+    "zero_partitions_over_sp",
+]
