@@ -7,25 +7,31 @@ same linear map plus a row-specific constant:
 
     X_out = X_in A + b,     A (2d x 2d), b (d x 2d), both functions of the span's k, v and gates.
 
-Rank r finds (A_r, b_r) from three runs of memory_scan over its span, batched together, with the
-incoming states 0, [I | 0] and [0 | I]: b = f(0), A = [f([I|0]) - b ; f([0|I]) - b]. All ranks
-all-gather their maps, and rank r composes those of ranks 0..r-1 onto the initial state to get its
-incoming state; then every span runs at once. Against the relay (`relay_memory_scan`: receive
-from r-1, scan, send to r+1) it trades a sequential chain of P spans for about 4 span-scans of
-work plus one all-gather of P (2d x 2d) maps per head: a win for a single layer once P > 4,
-while in a deep model the relay's wavefront already hides most of the chain
-(idle fraction (P-1)/(L+P-1)). `benchmarks/parallel.py` measures both.
+Rank r finds (A_r, b_r) of its span in closed form (`span_affine_map`: one map per chunk from the
+gate products of the chunked scan, composed over the chunks; about 0.6 of a span-scan of work,
+forward + backward). `span_affine_map_reference` gets the same map by probing memory_scan with the
+incoming states 0, [I | 0] and [0 | I] (b = f(0), A = [f([I|0]) - b ; f([0|I]) - b]); it is the
+plain reference the tests compare against, and loses accuracy in fp32 to the differences. All
+ranks all-gather their maps, and rank r composes those of ranks 0..r-1 onto the initial state to
+get its incoming state; then every span runs at once (`scan_memory_scan`). Against the relay
+(`relay_memory_scan`: receive from r-1, scan, send to r+1) it trades a sequential chain of P spans
+for the map and the span-scan plus one all-gather of P (2d x 2d) maps per head; in a deep model
+the relay's wavefront already hides most of the chain (idle fraction (P-1)/(L+P-1)).
+`benchmarks/parallel.py` measures both.
 
-This is the op-level building block (DESIGN section 6); the model-level driver
-(`sequence_parallel.py`) uses the relay for every variant.
+This is the op-level building block (DESIGN section 6). The model-level lockstep schedule
+(`scan_schedule.py`, `parallel.sp_schedule = "scan"`) uses `span_affine_map` with a chain of
+point-to-point hops instead of the all-gather (see there why).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from titans_train.kernels import memory_scan
+from titans_train.kernels.memory_scan.decays import chunk_decays
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.relay import StateRelay
 
@@ -85,6 +91,69 @@ def span_affine_map(k, v, theta, eta, alpha, *, chunk_size: int, residual: bool)
     """(A, b) of a span for depth-1 memory: X_out = X_in A + b with X = [W | S] per (batch, head).
 
     k, v (B, H, S, d); gates (B, H, S). Returns A (B, H, 2d, 2d), b (B, H, d, 2d).
+
+    Closed form per chunk, then composed over the chunks. A chunk starting at (W, S) with every
+    inner gradient taken at W, u_i = W k_i k_i^T + (r k_i - v_i) k_i^T (r = 1 with `residual`),
+    ends at (DESIGN section 3, gate products from `chunk_decays`, last row of the chunk):
+
+        W' = W (a I - sum_i c_i k_i k_i^T) + s S - sum_i c_i (r k_i - v_i) k_i^T
+        S' = W (   - sum_i m_i k_i k_i^T) + e S - sum_i m_i (r k_i - v_i) k_i^T
+
+    with a = prod (1 - alpha), e = prod eta, s the momentum's carry into W, c_i = C[last, i]
+    theta_i and m_i = D_eta[last, i] theta_i. So A_chunk = [[a I - M_c, -M_m], [s I, e I]] and
+    b_chunk = [-N_c, -N_m]; the span's map is their product in order (a pairwise tree). Checked
+    against `span_affine_map_reference` (three memory_scan runs), forward and backward.
+    """
+    batch, heads, seq_len, d = k.shape
+    decays = chunk_decays(theta, eta, alpha, chunk_size)
+    n_chunks = decays.weight_decay.shape[2]
+    pad = n_chunks * chunk_size - seq_len
+    # Each chunk's state is read at its last real token (the last chunk may be short).
+    last = torch.full((n_chunks,), chunk_size - 1, device=k.device)
+    last[-1] = (seq_len - 1) % chunk_size
+    chunks = torch.arange(n_chunks, device=k.device)
+    weight_scores = decays.update_scores[:, :, chunks, last]  # (B, H, nc, n): c_i
+    momentum_scores = decays.momentum_scores[:, :, chunks, last]  # m_i
+    keys = F.pad(k, (0, 0, 0, pad)).unflatten(2, (n_chunks, chunk_size))  # (B, H, nc, n, d)
+    errors = F.pad((k if residual else 0) - v, (0, 0, 0, pad)).unflatten(2, (n_chunks, chunk_size))
+    scores = torch.stack([weight_scores, momentum_scores], dim=3)  # (B, H, nc, 2, n)
+    grams = torch.einsum("bhcsi,bhcid,bhcie->bhcsde", scores, keys, keys)  # (B, H, nc, 2, d, d)
+    constants = torch.einsum("bhcsi,bhcid,bhcie->bhcsde", scores, errors, keys)
+    identity = torch.eye(d, dtype=k.dtype, device=k.device)
+
+    def scaled(x):  # (B, H, nc) -> (B, H, nc, d, d)
+        return x[..., None, None] * identity
+
+    weight_decay = decays.weight_decay[:, :, chunks, last]
+    momentum_carry = decays.momentum_carry[:, :, chunks, last]
+    momentum_decay = decays.momentum_decay[:, :, chunks, last]
+    linear = torch.cat([
+        torch.cat([scaled(weight_decay) - grams[:, :, :, 0], -grams[:, :, :, 1]], dim=-1),
+        torch.cat([scaled(momentum_carry), scaled(momentum_decay)], dim=-1),
+    ], dim=-2)  # (B, H, nc, 2d, 2d)
+    offset = -torch.cat([constants[:, :, :, 0], constants[:, :, :, 1]], dim=-1)  # (B, H, nc, d, 2d)
+    return _compose_in_order(linear, offset)
+
+
+def _compose_in_order(linear, offset):
+    """The affine maps (A_i, b_i) along dim 2, applied in order: X -> (...(X A_0 + b_0) A_1 ...),
+    by pairwise combination (log2 n levels of batched products). Returns A (B, H, 2d, 2d), b."""
+    while linear.shape[2] > 1:
+        if linear.shape[2] % 2:  # an identity map at the end keeps the pairs whole
+            identity = torch.eye(linear.shape[-1], dtype=linear.dtype, device=linear.device)
+            linear = torch.cat([linear, identity.expand_as(linear[:, :, :1])], dim=2)
+            offset = torch.cat([offset, torch.zeros_like(offset[:, :, :1])], dim=2)
+        first_linear, second_linear = linear[:, :, 0::2], linear[:, :, 1::2]
+        linear = first_linear @ second_linear
+        offset = offset[:, :, 0::2] @ second_linear + offset[:, :, 1::2]
+    return linear[:, :, 0], offset[:, :, 0]
+
+
+def span_affine_map_reference(k, v, theta, eta, alpha, *, chunk_size: int, residual: bool):
+    """`span_affine_map` by probing memory_scan: the plain reference its tests compare against.
+
+    Three runs batched together, from the incoming states 0, [I | 0] and [0 | I]:
+    b = f(0), A = [f([I|0]) - b ; f([0|I]) - b].
     """
     batch, heads, _, d = k.shape
     zeros = k.new_zeros(batch, heads, d, d)
