@@ -79,9 +79,11 @@ def check_sharded_layouts(layouts):
             step.relay.finish()
             average_gradients(model, context)
             grad_error, grad_name = worst(gather_full_gradients(model, context), expected_grads)
-            with torch.no_grad():
-                evaluation = parallel_loss(model, replica_tokens, context, sp_schedule=sp_schedule)
+            with torch.no_grad():  # evaluation path: no autograd, telemetry from every layer
+                evaluation = parallel_loss(model, replica_tokens, context, return_telemetry=True,
+                                           sp_schedule=sp_schedule)
                 evaluation.relay.finish()
+                expected_telemetry = reference(tokens[:1, :-1], return_telemetry=True).telemetry
 
             # This rank's tokens: its span (sp), then its shard of the span (tp).
             shard_len = SEQ_LEN // (sp * tp)
@@ -98,6 +100,7 @@ def check_sharded_layouts(layouts):
                 loss_error=max(relative_error(step.loss, expected_loss.detach()),
                                relative_error(evaluation.loss, expected_loss.detach())),
                 grad_error=grad_error, grad_name=grad_name, hidden_error=hidden_error,
+                telemetry_keys=(sorted(evaluation.telemetry), sorted(expected_telemetry)),
                 hidden_shapes=sorted({tuple(value.shape) for value in hidden}),
                 expected_shape=(MICRO_BATCH, shard_len, model.config.dim),
                 sharded=model.tp_sequence_sharding))
