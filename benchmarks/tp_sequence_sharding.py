@@ -11,7 +11,8 @@ once with the option off and once on, and for each reports, per rank:
 - the residual stream itself: bytes of the hidden states entering the blocks and the final norm;
 - elements moved by the tp collectives per step (all-reduce, all-gather, reduce-scatter);
 - the median step time (forward + backward) over `--repeats` steps after a warm-up, off and on
-  interleaved, and their ratio.
+  interleaved, and their ratio; and the median CPU time of a step per process (less sensitive to
+  other jobs on a shared machine than wall time, but it includes gloo's busy waiting).
 
 On a 2-core machine the step time is about the mechanism (two processes share the cores), not
 about a GPU's speed; the byte counts do not depend on the machine.
@@ -129,18 +130,20 @@ def run(variant: str, dim: int, batch: int, seq_len: int, repeats: int):
             saved_checkpointed=(saved_activation_bytes(model, lambda: forward(True))
                                 + input_bytes(model.layers, lambda: forward(True))),
             residual=input_bytes(list(model.layers) + [model.final_norm], forward),
-            times=[])
+            times=[], cpu_times=[])
     for _ in range(repeats + 1):  # off and on interleaved, first round a warm-up
         for sharded, model in models.items():
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step = parallel_loss(model, tokens, context)
             step.objective.backward()
             step.relay.finish()
             results[sharded]["times"].append(time.perf_counter() - start)
+            results[sharded]["cpu_times"].append(time.process_time() - cpu_start)
             model.zero_grad(set_to_none=True)
     for result in results.values():
         result["median_s"] = statistics.median(result.pop("times")[1:])
+        result["cpu_s"] = statistics.median(result.pop("cpu_times")[1:])
     ParallelContext.destroy()
     return results
 
@@ -161,15 +164,16 @@ def main() -> int:
     mib = 2.0 ** 20
     print("| tp_sequence_sharding | saved activations MiB/rank | with activation checkpointing "
           "| residual stream MiB/rank | all-reduce elems | all-gather elems | reduce-scatter elems "
-          "| step s (median, slowest rank) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| step s (median, slowest rank) | CPU s per step (mean over ranks) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for sharded in (False, True):
         rank0 = records[0][sharded]
         step_s = max(r[sharded]["median_s"] for r in records)
+        cpu_s = statistics.mean(r[sharded]["cpu_s"] for r in records)
         c = rank0["collectives"]
         print(f"| {'on' if sharded else 'off'} | {rank0['saved'] / mib:.2f} | "
               f"{rank0['saved_checkpointed'] / mib:.2f} | {rank0['residual'] / mib:.2f} | "
-              f"{c['all_reduce']} | {c['all_gather']} | {c['reduce_scatter']} | {step_s:.3f} |")
+              f"{c['all_reduce']} | {c['all_gather']} | {c['reduce_scatter']} | {step_s:.3f} | {cpu_s:.3f} |")
     off, on = records[0][False], records[0][True]
     ratio = max(r[True]["median_s"] for r in records) / max(r[False]["median_s"] for r in records)
     print(f"on / off: saved activations {on['saved'] / off['saved']:.2f}, with checkpointing "
