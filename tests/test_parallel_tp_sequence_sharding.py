@@ -148,8 +148,23 @@ def check_adamw_steps(tp, sp, variants, steps=3):
     return records
 
 
-def check_layouts_and_steps(layouts, adamw):
-    return check_sharded_layouts(layouts), check_adamw_steps(**adamw)
+def check_call_length_not_divisible_by_tp_is_refused():
+    """A sharded model's forward on a length that does not split over tp (e.g. decoding one
+    token): the error names the option, not a megatron assertion."""
+    context = ParallelContext.initialize(tp=2, sp=1)
+    model = parallelize(TitansLM(tiny_config("lmm")), _sharded(2, 1), context)
+    try:
+        model(global_batch(seed=1, samples=1)[:, :7])
+    except ParallelConfigError as error:
+        return error.key, str(error)
+    finally:
+        ParallelContext.destroy()
+    return None
+
+
+def check_layouts_and_steps(layouts, adamw, refusal=False):
+    return (check_sharded_layouts(layouts), check_adamw_steps(**adamw),
+            check_call_length_not_divisible_by_tp_is_refused() if refusal else None)
 
 
 def assert_sharded(records):
@@ -164,19 +179,21 @@ def assert_sharded(records):
 
 @pytest.mark.slow
 def test_tp2_sharded_matches_one_process_for_every_variant_with_checkpointing_and_adamw():
-    records, adamw_records = run_distributed(
+    records, adamw_records, refusal = run_distributed(
         check_layouts_and_steps, world_size=2, timeout_s=180,
         layouts=[(2, 1, False, VARIANTS, "relay"), (2, 1, True, ("mac", "mag"), "relay")],
-        adamw=dict(tp=2, sp=1, variants=("mac", "mal")))[0]
+        adamw=dict(tp=2, sp=1, variants=("mac", "mal")), refusal=True)[0]
     assert len(records) == len(VARIANTS) + 2
     assert_sharded(records)
     assert len(adamw_records) == 2
     assert_records(adamw_records)
+    key, message = refusal
+    assert key == "parallel.tp_sequence_sharding" and "7 tokens over tp = 2" in message
 
 
 @pytest.mark.slow
 def test_tp2_sp2_sharded_matches_one_process_for_every_variant_and_the_scan_schedule():
-    records, adamw_records = run_distributed(
+    records, adamw_records, _ = run_distributed(
         check_layouts_and_steps, world_size=4, timeout_s=240,
         layouts=[(2, 2, False, VARIANTS, "relay"), (2, 2, False, SCAN_VARIANTS, "scan")],
         adamw=dict(tp=2, sp=2, variants=("mag",)))[0]

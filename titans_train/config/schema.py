@@ -66,8 +66,7 @@ class ParallelConfig:
     zero_stage: int = 1
     # Recompute each layer's activations in backward (saves memory, costs ~1 extra forward).
     activation_checkpointing: bool = False
-    # Split the residual stream and its norms along the sequence over the tp ranks (Megatron's
-    # "sequence parallelism"); ignored at tp = 1; needs seq_len / sp divisible by tp.
+    # Shard the residual stream and its norms along T over the tp ranks (ignored at tp = 1).
     tp_sequence_sharding: bool = False
     # Sequence-parallel schedule: "relay" (wavefront, any model) or "scan" (lockstep, lmm/mag/mal with memory_depth 1).
     sp_schedule: str = "relay"
