@@ -48,7 +48,7 @@ from titans_train.parallel.sequence_parallel import (
     span_bounds,
     span_step_loss,
 )
-from titans_train.parallel.validation import validate_sp_schedule
+from titans_train.parallel.validation import validate_sequence_parallel, validate_sp_schedule
 
 # Exchanges per layer: attention tail, conv tails, memory state (mag: that order; mal: conv,
 # memory, attention). Tags are 1 + layer * MESSAGES_PER_LAYER + call.
@@ -182,6 +182,8 @@ def scan_schedule_loss(model, tokens: torch.Tensor, context: ParallelContext, to
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch, seq_len = inputs.shape
     partitioned = any(hasattr(p, "ds_status") for p in model.parameters())  # by ZeRO-3
+    # Chunk-aligned spans: the exchange carries no open block (the relay would).
+    validate_sequence_parallel(model.config, context.sp_size, seq_len)
     validate_sp_schedule(model.config, "scan", sp=context.sp_size, seq_len=seq_len,
                          activation_checkpointing=activation_checkpointing,
                          zero_stage=3 if partitioned else 0)
