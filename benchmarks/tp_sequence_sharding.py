@@ -6,6 +6,8 @@ One world of 2 gloo processes (tp = 2, sp = dp = 1) builds the same model twice 
 once with the option off and once on, and for each reports, per rank:
 - saved-activation bytes: every tensor autograd keeps for backward during one training forward
   (torch.autograd.graph.saved_tensors_hooks), counted once per storage, parameters excluded;
+  under tp sequence sharding a gathered norm output is kept as its T-shard and counted so;
+  tensors an autograd Function stores on its ctx directly are not seen (the same in both runs);
 - the same with activation checkpointing: the tensors saved outside the checkpointed layers
   plus the layer inputs the checkpoints keep (hidden states entering each block, from hooks);
 - the residual stream itself: bytes of the hidden states entering the blocks and the final norm;
@@ -69,21 +71,37 @@ def _count_collectives() -> dict[str, int]:
 
 
 def saved_activation_bytes(model, forward) -> int:
-    """Bytes of the distinct storages autograd saves for backward during `forward()`."""
+    """Bytes of the distinct storages autograd keeps for backward during `forward()`, parameters
+    excluded: tensors saved as they are, and, for a gathered norm output under tp sequence
+    sharding, the T-shard its pack hook keeps instead (seen by wrapping that hook, which is the
+    innermost one inside `parallel_loss`)."""
+    from titans_train.parallel import tp_sequence_sharding as sharding
+
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
-    def pack(tensor):
+    def count(tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameter_storages:
             storages[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor):
+        count(tensor)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = forward()
-    total = sum(storages.values())
+    def sharding_pack(tensor):
+        packed = original_pack(tensor)
+        count(packed if isinstance(packed, torch.Tensor) else packed[0].shard)
+        return packed
+
+    original_pack, sharding._pack = sharding._pack, sharding_pack
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            result = forward()
+    finally:
+        sharding._pack = original_pack
     del result
-    return total
+    return sum(storages.values())
 
 
 def input_bytes(modules, forward) -> int:
@@ -127,6 +145,7 @@ def run(variant: str, dim: int, batch: int, seq_len: int, repeats: int):
         results[sharded] = dict(
             collectives=dict(counts),
             saved=saved_activation_bytes(model, forward),
+            # Checkpointed layers save nothing (their own, inner hooks); they keep their inputs.
             saved_checkpointed=(saved_activation_bytes(model, lambda: forward(True))
                                 + input_bytes(model.layers, lambda: forward(True))),
             residual=input_bytes(list(model.layers) + [model.final_norm], forward),

@@ -13,12 +13,15 @@ the global batch, and the relay whose in-flight sends `finish()` completes after
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from torch import nn
 
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.scan_schedule import scan_schedule_loss
 from titans_train.parallel.sequence_parallel import StepLoss, sequence_parallel_loss
 from titans_train.parallel.tensor_parallel import apply_tensor_parallel, token_losses
+from titans_train.parallel.tp_sequence_sharding import regather_norm_outputs
 from titans_train.parallel.validation import validate_sp_schedule
 
 
@@ -60,12 +63,15 @@ def parallel_loss(model: nn.Module, tokens, context: ParallelContext,
     def loss_fn(logits, labels):
         return token_losses(logits, labels, tensor_parallel_size)
 
-    if sp_schedule == "scan" and context.sp_size > 1:
-        return scan_schedule_loss(model, tokens, context, loss_fn, activation_checkpointing,
-                                  return_telemetry)
-    validate_sp_schedule(model.config, sp_schedule)  # an unknown name is an error at any sp
-    return sequence_parallel_loss(model, tokens, context, loss_fn, activation_checkpointing,
-                                  return_telemetry)
+    # tp sequence sharding: gathered norm outputs are kept for backward as their T-shards.
+    saving = regather_norm_outputs() if getattr(model, "tp_sequence_sharding", False) else nullcontext()
+    with saving:
+        if sp_schedule == "scan" and context.sp_size > 1:
+            return scan_schedule_loss(model, tokens, context, loss_fn, activation_checkpointing,
+                                      return_telemetry)
+        validate_sp_schedule(model.config, sp_schedule)  # an unknown name is an error at any sp
+        return sequence_parallel_loss(model, tokens, context, loss_fn, activation_checkpointing,
+                                      return_telemetry)
 
 
 class ParallelObjective(nn.Module):

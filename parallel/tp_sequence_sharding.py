@@ -17,7 +17,10 @@ because megatron's sequence dimension is dim 0 and ours is dim 1):
   all-reducing, so the residual add happens on shards (`ROW_OUTPUTS`);
 - replicated norm weights see only a T-shard per rank: their gradient is summed over tp inside
   the graph (megatron's copy_to_tensor_model_parallel_region on the weight: identity forward,
-  all-reduce backward), so every tp rank holds the full gradient in lockstep.
+  all-reduce backward), so every tp rank holds the full gradient in lockstep;
+- saving for backward: inside `regather_norm_outputs` (entered by `parallel_loss`) a gathered
+  norm output that autograd saves (the projections need it for their weight gradients) is kept
+  as this rank's T-shard and all-gathered again when backward first needs it, as Megatron does.
 
 Mixers always see their whole span (B, S, D): layer states, the sp relay and the memory are
 unaffected. gloo supports reduce_scatter_tensor and all_gather_into_tensor on CPU (checked with
@@ -26,6 +29,10 @@ torch 2.13), so megatron's mappings run unchanged; the only CPU shim needed is t
 """
 
 from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -55,12 +62,68 @@ def gather_sequence(shard: torch.Tensor, tp_group) -> torch.Tensor:
     return gathered.transpose(0, 1).contiguous()
 
 
-def reduce_scatter_sequence(partial: torch.Tensor, tp_group) -> torch.Tensor:
-    """(B, T, ...) partial sums over the tp ranks -> this rank's T-shard of their sum
-    (B, T/tp, ...); backward all-gathers the gradient."""
-    from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+class _SavedAsShard:
+    """A gathered norm output (B, T, D) as autograd keeps it for backward: this rank's T-shard,
+    all-gathered again the first time backward needs it and shared by every projection that
+    saved it (Megatron re-gathers the same way), so the whole (B, T, D) is not kept from
+    forward to backward. The re-gather is the forward's all-gather of the same shard, so the
+    values are bit-identical."""
 
-    return reduce_scatter_to_sequence_parallel_region(partial.transpose(0, 1), group=tp_group).transpose(0, 1)
+    def __init__(self, shard: torch.Tensor, tp_group):
+        self.shard = shard
+        self.tp_group = tp_group
+        self.gathered: torch.Tensor | None = None
+
+    def unpack(self, size, stride, offset) -> torch.Tensor:
+        if self.gathered is None:
+            with torch.no_grad():
+                self.gathered = gather_sequence(self.shard, self.tp_group)
+        return self.gathered.as_strided(size, stride, offset)
+
+
+# Storage address of a live gathered norm output -> (weak reference to it, its saved form);
+# filled by SequenceShardedRMSNorm while `regather_norm_outputs` is active.
+_GATHERED: dict[int, tuple[weakref.ref, _SavedAsShard]] = {}
+_regathering = False
+
+
+def _pack(tensor: torch.Tensor):
+    entry = _GATHERED.get(tensor.untyped_storage().data_ptr())
+    if entry is None or entry[0]() is None or tensor.dtype != entry[1].shard.dtype:
+        return tensor
+    # A view of the gathered output (e.g. matmul's flattened input): keep its geometry.
+    return entry[1], tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
+
+
+def _unpack(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    saved, size, stride, offset = packed
+    return saved.unpack(size, stride, offset)
+
+
+@contextlib.contextmanager
+def regather_norm_outputs() -> Iterator[None]:
+    """Within it, autograd saves each gathered norm output as its T-shard (`_SavedAsShard`).
+
+    Enter it around a whole forward, outside any activation checkpointing (whose own, inner
+    hooks then take precedence for the layers they recompute anyway)."""
+    global _regathering
+    if _regathering:  # nested: the outer context already does it
+        yield
+        return
+    _regathering = True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _regathering = False
+
+
+def _register_gathered(gathered: torch.Tensor, shard: torch.Tensor, tp_group) -> None:
+    key = gathered.untyped_storage().data_ptr()
+    _GATHERED[key] = (weakref.ref(gathered), _SavedAsShard(shard.detach(), tp_group))
+    weakref.finalize(gathered, _GATHERED.pop, key, None)
 
 
 def check_sequence_divides(seq_len: int, tp_size: int) -> None:
@@ -93,7 +156,11 @@ class SequenceShardedRMSNorm(RMSNorm):
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
-        return gather_sequence(_rms_normalize(hidden, self.eps) * weight, self.tp_group)
+        shard = _rms_normalize(hidden, self.eps) * weight  # (B, T/tp, D)
+        gathered = gather_sequence(shard, self.tp_group)  # (B, T, D)
+        if _regathering and torch.is_grad_enabled():
+            _register_gathered(gathered, shard, self.tp_group)
+        return gathered
 
 
 def sequence_sharded_embedding_class():
@@ -114,6 +181,6 @@ __all__ = [
     "SequenceShardedRMSNorm",
     "check_sequence_divides",
     "gather_sequence",
-    "reduce_scatter_sequence",
+    "regather_norm_outputs",
     "sequence_sharded_embedding_class",
 ]
