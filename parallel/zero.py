@@ -47,8 +47,8 @@ def zero_partitions_over_sp(zero_stage: int, sp: int) -> bool:
 
 
 def deepspeed_data_parallel_size(context: ParallelContext, zero_stage: int) -> int:
-    layout = context.layout
-    return layout.dp * layout.sp if zero_partitions_over_sp(zero_stage, layout.sp) else layout.dp
+    dp, sp = context.data_world_size, context.sp_size
+    return dp * sp if zero_partitions_over_sp(zero_stage, sp) else dp
 
 
 def deepspeed_batch_settings(context: ParallelContext, zero_stage: int, micro_batch_size: int,

@@ -174,7 +174,7 @@ def test_sequence_parallel_span_must_hold_whole_chunks():
     assert info.value.key == "parallel.sp"
 
 
-def test_zero3_with_sequence_parallel_is_refused_before_work():
-    with pytest.raises(InvalidValueError) as info:
-        load_recipe("mac-170m", ["parallel.sp=2", "parallel.zero_stage=3"], world_size=2)
-    assert info.value.key == "parallel.zero_stage" and "deadlock" in str(info.value)
+def test_every_zero_stage_is_accepted_with_sequence_parallel():
+    for stage in (0, 1, 2, 3):  # parallel/zero.py keeps ZeRO's collectives out of the wavefront
+        config = load_recipe("mac-170m", ["parallel.sp=2", f"parallel.zero_stage={stage}"], world_size=2)
+        assert config.parallel.zero_stage == stage

@@ -100,7 +100,7 @@ class DataParallelContext:
     def gradient_group(self):
         return None  # the default (world) group
 
-    def mpu(self):
+    def mpu(self, partition_over_sp: bool = True):
         return None
 
 

@@ -30,9 +30,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
     return groups
 
 
-def deepspeed_config(config: DictConfig, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
-    """DeepSpeed's config. Its data-parallel world is dp x sp (the mpu's gradient group): the sp
-    ranks of a replica share their samples, so its batch size counts each sample sp times."""
+def deepspeed_config(config: DictConfig, plan: BatchPlan, context, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config. Its batch keys come from `parallel.zero.deepspeed_batch_settings`:
+    its data-parallel world counts the sp ranks of a replica, which share their samples."""
+    from titans_train.parallel.zero import deepspeed_batch_settings
+
     train = config.train
     zero: dict[str, Any] = {"stage": config.parallel.zero_stage}
     if config.parallel.zero_stage == 3:
@@ -40,9 +42,8 @@ def deepspeed_config(config: DictConfig, plan: BatchPlan, load_universal: bool =
         # by size thresholds that only matter on large models.
         zero.update(stage3_param_persistence_threshold=0)
     ds: dict[str, Any] = {
-        "train_batch_size": plan.global_batch_samples * config.parallel.sp,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        **deepspeed_batch_settings(context, config.parallel.zero_stage, train.micro_batch_size,
+                                   plan.gradient_accumulation_steps),
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -71,16 +72,9 @@ def build_optimizer(model: torch.nn.Module, config: DictConfig,
 def build_engine(model: torch.nn.Module, config: DictConfig, plan: BatchPlan, context,
                  no_weight_decay: Callable[[str, torch.nn.Parameter], bool], load_universal: bool = False):
     """(engine, optimizer, scheduler) for `model`; the process group must exist."""
-    import deepspeed
+    from titans_train.parallel.zero import initialize_engine
 
     optimizer = build_optimizer(model, config, no_weight_decay)
     scheduler = build_scheduler(optimizer, config.train, plan.total_steps)
-    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(config, plan, load_universal=load_universal),
-        mpu=context.mpu(),
-        dist_init_required=False,
-    )
-    return engine, ds_optimizer, ds_scheduler
+    return initialize_engine(model, optimizer, deepspeed_config(config, plan, context, load_universal),
+                             context, lr_scheduler=scheduler)

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from titans_train.config import batch_plan, model_config, to_container, validate
+from titans_train.parallel.zero import optimizer_step
 from titans_train.train.checkpoint import CheckpointInfo, CheckpointManager
 from titans_train.train.distributed import (
     all_reduce_max_flag,
@@ -203,21 +204,19 @@ class Trainer:
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (global mean loss, lr used)."""
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), dtype=torch.float64)
         self.grad_norm = None
-        for _ in range(self.plan.gradient_accumulation_steps):
-            objective, loss, finish = self._forward(self._next_micro_batch())
-            self.engine.backward(objective)
-            finish()
-            if (self.engine.is_gradient_accumulation_boundary() and self.config.parallel.zero_stage == 0
-                    and self.context.tp_size == 1):
+
+        def record_replicated_grad_norm():
+            if self.config.parallel.zero_stage == 0 and self.context.tp_size == 1:
                 self.grad_norm = self._replicated_grad_norm()
-            self.engine.step()
-            loss_sum += loss.detach().double().cpu()
+
+        micro_batches = [self._next_micro_batch() for _ in range(self.plan.gradient_accumulation_steps)]
+        losses = optimizer_step(self.engine, self.context, micro_batches, self._forward,
+                                after_backward=record_replicated_grad_norm)
         if self.grad_norm is None:
             norm = self.engine.get_global_grad_norm()
             self.grad_norm = float(norm) if norm is not None else None
-        local = float(loss_sum) / self.plan.gradient_accumulation_steps
+        local = float(torch.stack([loss.detach().double().cpu() for loss in losses]).mean())
         return all_reduce_mean(local, group=self.context.gradient_group), lr
 
     def _replicated_grad_norm(self) -> float:
