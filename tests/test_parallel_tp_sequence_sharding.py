@@ -162,9 +162,38 @@ def check_call_length_not_divisible_by_tp_is_refused():
     return None
 
 
-def check_layouts_and_steps(layouts, adamw, refusal=False):
-    return (check_sharded_layouts(layouts), check_adamw_steps(**adamw),
-            check_call_length_not_divisible_by_tp_is_refused() if refusal else None)
+def check_norm_outputs_saved_as_shards():
+    """Which saved tensors the pack hook replaces by T-shards during one training forward: the
+    distinct gathered outputs (one per norm) and the shapes of what they were replaced by."""
+    from titans_train.parallel import tp_sequence_sharding as sharding
+
+    context = ParallelContext.initialize(tp=2, sp=1)
+    model = parallelize(TitansLM(tiny_config("lmm")), _sharded(2, 1), context)
+    replaced = {}
+    original_pack = sharding._pack
+
+    def pack(tensor):
+        packed = original_pack(tensor)
+        if not isinstance(packed, torch.Tensor):
+            replaced[id(packed[0])] = tuple(packed[0].shard.shape)
+        return packed
+
+    sharding._pack = pack
+    try:
+        step = parallel_loss(model, global_batch(seed=1, samples=MICRO_BATCH), context)
+    finally:
+        sharding._pack = original_pack
+    step.objective.backward()  # re-gathers them
+    step.relay.finish()
+    ParallelContext.destroy()
+    return len(model.layers), sorted(replaced.values())
+
+
+def check_layouts_and_steps(layouts, adamw, single_model_checks=False):
+    single = None
+    if single_model_checks:
+        single = (check_call_length_not_divisible_by_tp_is_refused(), check_norm_outputs_saved_as_shards())
+    return check_sharded_layouts(layouts), check_adamw_steps(**adamw), single
 
 
 def assert_sharded(records):
@@ -179,16 +208,20 @@ def assert_sharded(records):
 
 @pytest.mark.slow
 def test_tp2_sharded_matches_one_process_for_every_variant_with_checkpointing_and_adamw():
-    records, adamw_records, refusal = run_distributed(
+    records, adamw_records, (refusal, saved_as_shards) = run_distributed(
         check_layouts_and_steps, world_size=2, timeout_s=180,
         layouts=[(2, 1, False, VARIANTS, "relay"), (2, 1, True, ("mac", "mag"), "relay")],
-        adamw=dict(tp=2, sp=1, variants=("mac", "mal")), refusal=True)[0]
+        adamw=dict(tp=2, sp=1, variants=("mac", "mal")), single_model_checks=True)[0]
     assert len(records) == len(VARIANTS) + 2
     assert_sharded(records)
     assert len(adamw_records) == 2
     assert_records(adamw_records)
     key, message = refusal
     assert key == "parallel.tp_sequence_sharding" and "7 tokens over tp = 2" in message
+    # Every norm's gathered output (2 per layer and the final norm) is kept for backward as
+    # this rank's (B, T/tp, D) shard, not whole.
+    n_layers, shard_shapes = saved_as_shards
+    assert shard_shapes == [(MICRO_BATCH, SEQ_LEN // 2, tiny_config("lmm").dim)] * (2 * n_layers + 1)
 
 
 @pytest.mark.slow
