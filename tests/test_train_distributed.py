@@ -60,6 +60,11 @@ def layouts_rank(root: str, stages: list[int]) -> dict:
                                          f"train.steps={STEPS}")
     if world > 1:
         _, out["bf16"] = _losses(root / "bf16", "train.precision=bf16", "parallel.zero_stage=2", "train.steps=12")
+        # everything at once: sequence parallelism, ZeRO-3, bf16, activation checkpointing and
+        # (dp = 1) gradient accumulation
+        _, out["sp-zero3-bf16"] = _losses(root / "sp-zero3-bf16", f"parallel.sp={world}", "parallel.zero_stage=3",
+                                          "train.precision=bf16", "parallel.activation_checkpointing=true",
+                                          "train.steps=12")
         # tensor / sequence parallelism from titans_train.parallel; sp = 2 leaves dp = 1, so the
         # 2 micro-batches of a step are accumulated (by parallel/zero.py under sp)
         for layout, stage in (("tp", 1), ("sp", 1), ("sp", 3)):
@@ -109,9 +114,10 @@ def test_zero_stages_and_tp_sp_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_
         _assert_close(two[0][f"zero{stage}"], reference, f"ZeRO {stage}, 2 ranks vs 1")
     for layout in ("tp-zero1", "sp-zero1", "sp-zero3"):
         _assert_close(two[0][layout], reference, f"{layout}, 2 ranks vs 1")
-    bf16 = two[0]["bf16"]
-    assert all(map(lambda x: x == x, bf16)), bf16  # finite
-    assert sum(bf16[-3:]) / 3 < sum(bf16[:3]) / 3 - 0.1, bf16
+    for run in ("bf16", "sp-zero3-bf16"):
+        bf16 = two[0][run]
+        assert all(map(lambda x: x == x, bf16)), (run, bf16)  # finite
+        assert sum(bf16[-3:]) / 3 < sum(bf16[:3]) / 3 - 0.1, (run, bf16)
 
 
 @pytest.mark.slow
