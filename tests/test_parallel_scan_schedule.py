@@ -3,7 +3,8 @@
 Same contract as the relay (tests/test_parallel_exactness.py, whose helpers these tests use): the
 loss and every parameter's gradient equal one process on the same global batch to 1e-5 relative,
 and after 3 AdamW steps the parameters still agree, for lmm, mag and mal with memory_depth 1 at
-sp = 4, tp = 2 x sp = 2 and sp = 2 x dp = 2. Models it cannot run are refused before any work.
+sp = 4, tp = 2 x sp = 2 and sp = 2 x dp = 2 (and mal at tp = 2 x sp = 2 with tp sequence
+sharding); bf16 runs. Models it cannot run are refused before any work.
 The model seam it uses (`StateExchange`) is checked in one process against a split sequence.
 """
 
@@ -49,20 +50,21 @@ def linear_config(variant: str):
 
 
 def check_scan_layouts(layouts):
-    """(tp, sp) layouts: STEPS AdamW steps of the scan schedule against one process; the loss
+    """(tp, sp, tp_sequence_sharding, variants) layouts: STEPS AdamW steps of the scan schedule against one process; the loss
     of every step, the gradients of the first, the parameters after the last, and the no-grad
     evaluation path with telemetry."""
     records = []
-    for tp, sp in layouts:
+    for tp, sp, sequence_sharding, variants in layouts:
         context = ParallelContext.initialize(tp=tp, sp=sp)
         dp = context.layout.dp
-        for variant in SCAN_VARIANTS:
+        for variant in variants:
             torch.manual_seed(0)
             model = TitansLM(linear_config(variant))
             reference = copy.deepcopy(model)
             reference_optimizer = _optimizer(reference.parameters())
             # the trainer's route: parallelize records the config's schedule, the objective uses it
-            parallelize(model, SimpleNamespace(tp=tp, sp=sp, sp_schedule="scan"), context)
+            parallelize(model, SimpleNamespace(tp=tp, sp=sp, sp_schedule="scan",
+                                               tp_sequence_sharding=sequence_sharding), context)
             objective = ParallelObjective(model, context)
             optimizer = _optimizer(model.parameters())
             loss_error = 0.0
@@ -95,7 +97,8 @@ def check_scan_layouts(layouts):
                 expected_telemetry = reference(tokens[:1, :-1], return_telemetry=True).telemetry
             schedules = {type(step.relay).__name__, type(evaluation.relay).__name__}
             records.append(dict(
-                layout=f"scan tp={tp} sp={sp} dp={dp}", variant=variant,
+                layout=f"scan tp={tp} sp={sp} dp={dp}" + " tp-sequence-sharded" * sequence_sharding,
+                variant=variant,
                 loss_error=max(loss_error, relative_error(evaluation.loss, expected)),
                 grad_error=grad_error, grad_name=grad_name, param_error=param_error,
                 param_name=param_name, schedules=schedules,
@@ -107,8 +110,10 @@ def check_scan_layouts(layouts):
 @pytest.mark.slow
 def test_scan_schedule_matches_one_process_at_sp4_tp2_sp2_and_sp2_dp2():
     records = run_distributed(check_scan_layouts, world_size=4, timeout_s=240,
-                              layouts=[(1, 4), (2, 2), (1, 2)])[0]
-    assert len(records) == 3 * len(SCAN_VARIANTS)
+                              layouts=[(1, 4, False, SCAN_VARIANTS), (2, 2, False, SCAN_VARIANTS),
+                                       (1, 2, False, SCAN_VARIANTS),
+                                       (2, 2, True, ("mal",))])[0]  # mal: the most sharded regions
+    assert len(records) == 3 * len(SCAN_VARIANTS) + 1
     assert all(record["schedules"] == {"RelayGroup"} for record in records)  # the scan ran, not the relay
     assert_records(records)
 
