@@ -217,6 +217,20 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def _check_row_outputs(model: nn.Module, plan: dict[str, str]) -> None:
+    """Under tp sequence sharding every row-parallel projection needs a place in ROW_OUTPUTS, and
+    none may have a bias (it would be added to a T-shard and its gradient would need summing over
+    tp, which is not built; no variant has one)."""
+    for path, module in model.named_modules():
+        if plan_style(path, plan) != "row":
+            continue
+        if plan_style(path, ROW_OUTPUTS) is None:
+            raise RuntimeError(f"ROW_OUTPUTS does not say where the output of {path} goes under tp "
+                               "sequence sharding; add it")
+        if module.bias is not None:
+            raise NotImplementedError(f"{path} has a bias, which tp sequence sharding does not support")
+
+
 def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                           plan: dict[str, str] = TP_PLAN, sequence_sharding: bool = False) -> nn.Module:
     """Shard `model` (a built TitansLM) in place for this rank's tp coordinate; returns it.
@@ -241,6 +255,8 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                  and plan_style(path.rpartition(".")[0], plan) is None]
     if uncovered:
         raise RuntimeError(f"TP_PLAN does not say how to split {uncovered}; add them to the plan")
+    if sequence_sharding:
+        _check_row_outputs(model, plan)
     install_megatron_cpu_shim()
     column_cls, row_cls = _parallel_linear_classes()
     dtype = model.embedding.weight.dtype
@@ -268,14 +284,7 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
             else:
                 row_output = plan_style(path, ROW_OUTPUTS) if sequence_sharding and style == "row" else None
                 if row_output is not None:
-                    if module.bias is not None:
-                        raise NotImplementedError(
-                            f"{path} has a bias: under tp sequence sharding it would be added to a "
-                            "T-shard and need its gradient summed over tp, which is not built")
                     common["config"] = sequence_parallel_config
-                elif sequence_sharding and style == "row":
-                    raise RuntimeError(f"ROW_OUTPUTS does not say where the output of {path} goes "
-                                       "under tp sequence sharding; add it")
                 new = row_cls(module.in_features, module.out_features, input_is_parallel=True,
                               skip_bias_add=False, tp_group=context.tp_group, **common)
                 new.scatter_output = style == "row_to_local_channels"
