@@ -78,7 +78,25 @@ def span_step_loss(span_loss_sum: torch.Tensor, relay_zeros: torch.Tensor, relay
     if context.gradient_group is not None:
         dist.all_reduce(total, group=context.gradient_group)
     loss = total / (batch * seq_len * context.data_world_size)
+    if telemetry:
+        telemetry = replica_telemetry(telemetry, context)
     return StepLoss(objective=objective, loss=loss, relay=relay, telemetry=telemetry)
+
+
+def replica_telemetry(telemetry: dict[str, torch.Tensor], context: ParallelContext) -> dict[str, torch.Tensor]:
+    """The memory statistics of the whole replica from each rank's (its heads, its span).
+
+    Every statistic is a mean over heads and tokens with equal counts on every tp and sp rank,
+    so the mean over ranks is the replica's mean. `update_norm` is then the mean over spans of
+    each span's change of the memory weights, not the change over the whole sequence.
+    """
+    keys = sorted(telemetry)  # the same memory layers on every rank
+    values = torch.stack([telemetry[key].detach().float() for key in keys])
+    for group, size in ((context.tp_group, context.tp_size), (context.sp_group, context.sp_size)):
+        if size > 1:
+            dist.all_reduce(values, group=group)
+            values /= size
+    return dict(zip(keys, values.unbind()))
 
 
 def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRelay,

@@ -8,6 +8,7 @@ sequences per step: 1 rank x 2 micro-batches x accumulation 2, or 2 ranks x 2 x 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -50,6 +51,11 @@ def _stop_with_signal_at(step_to_stop: int, signal_number: int):
     return hook
 
 
+def _telemetry_keys(run_dir: Path) -> list[str]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return sorted({key for line in lines for key in json.loads(line) if key.startswith("telemetry/")})
+
+
 def layouts_rank(root: str, stages: list[int]) -> dict:
     """Per-step losses of the fp32 debug run for each ZeRO stage, and of a bf16 run."""
     root = Path(root)
@@ -57,14 +63,17 @@ def layouts_rank(root: str, stages: list[int]) -> dict:
     out = {}
     for stage in stages:
         _, out[f"zero{stage}"] = _losses(root / f"w{world}-zero{stage}", f"parallel.zero_stage={stage}",
-                                         f"train.steps={STEPS}")
+                                         f"train.steps={STEPS}", "logging.telemetry_interval=3")
+    # ZeRO-3's module hooks rebuild list arguments: telemetry must survive them
+    out["telemetry zero3"] = _telemetry_keys(root / f"w{world}-zero3") if 3 in stages else None
     if world > 1:
         _, out["bf16"] = _losses(root / "bf16", "train.precision=bf16", "parallel.zero_stage=2", "train.steps=12")
         # everything at once: sequence parallelism, ZeRO-3, bf16, activation checkpointing and
         # (dp = 1) gradient accumulation
         _, out["sp-zero3-bf16"] = _losses(root / "sp-zero3-bf16", f"parallel.sp={world}", "parallel.zero_stage=3",
                                           "train.precision=bf16", "parallel.activation_checkpointing=true",
-                                          "train.steps=12")
+                                          "train.steps=12", "logging.telemetry_interval=6")
+        out["telemetry sp-zero3-bf16"] = _telemetry_keys(root / "sp-zero3-bf16")
         # tensor / sequence parallelism from titans_train.parallel; sp = 2 leaves dp = 1, so the
         # 2 micro-batches of a step are accumulated (by parallel/zero.py under sp)
         for layout, stage in (("tp", 1), ("sp", 1), ("sp", 3)):
@@ -114,6 +123,9 @@ def test_zero_stages_and_tp_sp_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_
         _assert_close(two[0][f"zero{stage}"], reference, f"ZeRO {stage}, 2 ranks vs 1")
     for layout in ("tp-zero1", "sp-zero1", "sp-zero3"):
         _assert_close(two[0][layout], reference, f"{layout}, 2 ranks vs 1")
+    for run in ("telemetry zero3", "telemetry sp-zero3-bf16"):
+        assert two[0][run] == [f"telemetry/layer{layer}/{name}" for layer in range(2)
+                               for name in ("alpha", "eta", "theta", "update_norm")], run
     for run in ("bf16", "sp-zero3-bf16"):
         bf16 = two[0][run]
         assert all(map(lambda x: x == x, bf16)), (run, bf16)  # finite

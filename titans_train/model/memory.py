@@ -113,7 +113,7 @@ class NeuralMemory(nn.Module):
         x: torch.Tensor,
         state: dict[str, torch.Tensor],
         block_len: int,
-        stats: Optional[list] = None,
+        stats: Optional[dict[int, dict[str, torch.Tensor]]] = None,
         exchange: Optional[StateExchange] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Store x (B, T, D) into the memory and retrieve with its queries -> (B, Hm, T, d), state.
@@ -176,8 +176,8 @@ class NeuralMemory(nn.Module):
         for name, values in zip(OPEN_FIELDS, (k_all, v_all, theta_all, eta_all, alpha_all)):
             new_state[name] = values[:, :, tail]
         new_state.update(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
-        if stats is not None:
-            stats.append(_memory_stats(theta, eta, alpha, incoming_weights, weights))
+        if stats is not None:  # keyed by call: a dict survives module hooks that rebuild lists (ZeRO-3)
+            stats[len(stats)] = _memory_stats(theta, eta, alpha, incoming_weights, weights)
         return y, new_state
 
 

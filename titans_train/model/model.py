@@ -103,13 +103,13 @@ class TitansBlock(nn.Module):
             layer_state = self.initial_state(batch_size, hidden.device, hidden.dtype)
         else:
             self.check_state(layer_state, batch_size, position)
-        stats = [] if telemetry is not None else None
+        stats = {} if telemetry is not None else None  # memory call index -> statistics
         mixed, new_state = self.mixer(self.mixer_norm(hidden), layer_state, position, stats, exchange=exchange)
         hidden = hidden + mixed
         hidden = hidden + self.mlp(self.mlp_norm(hidden))
         if stats:
             for name in stats[0]:
-                telemetry[f"layers.{self.index}.memory.{name}"] = torch.stack([s[name] for s in stats]).mean()
+                telemetry[f"layers.{self.index}.memory.{name}"] = torch.stack([s[name] for s in stats.values()]).mean()
         return hidden, new_state
 
 

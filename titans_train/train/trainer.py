@@ -244,7 +244,12 @@ class Trainer:
     def telemetry(self) -> dict[str, float]:
         """Per-layer memory statistics on the first validation micro-batch (detached forward)."""
         self.engine.eval()
-        _, telemetry = self.engine(next(self.data.validation_batches()).to(self.device), return_telemetry=True)
+        output = self.engine(next(self.data.validation_batches()).to(self.device), return_telemetry=True)
+        if self.model_parallel:  # a StepLoss, its telemetry already that of the whole replica
+            output.relay.finish()
+            telemetry = output.telemetry
+        else:
+            _, telemetry = output
         self.engine.train()
         return _telemetry_metrics(telemetry)
 
@@ -320,8 +325,7 @@ class Trainer:
                     values["train/grad_norm"] = grad_norm
                 self.logger.metrics(self.step, values)
             telemetry_every = config.logging.telemetry_interval
-            if (telemetry_every and self.step % telemetry_every == 0 and self.titans_config.has_memory
-                    and not self.model_parallel):
+            if telemetry_every and self.step % telemetry_every == 0 and self.titans_config.has_memory:
                 self.logger.metrics(self.step, self.telemetry())
             if config.train.eval_interval and self.step % config.train.eval_interval == 0 and not last:
                 self._log_validation("periodic")
