@@ -311,3 +311,40 @@ def test_mixed_dtypes_keep_each_output_in_its_input_dtype():
         tuple(s.double() for s in momentum), chunk_size=4,
     )
     assert relative_error(y, expected) <= BF16_TOLERANCE
+
+
+def test_fused_intermediates_go_through_saved_tensor_hooks():
+    """Activation checkpointing can only drop what passes through saved-tensor hooks: a tensor
+    kept as an attribute of the autograd context would stay alive in a checkpointed layer."""
+    from torch.utils._pytree import tree_leaves
+
+    tensors, weights, momentum = make_inputs(16, 2, torch.float64, seed=5)
+    tensors = [x.requires_grad_() for x in tensors]
+    y, _ = memory_scan(*tensors, weights, momentum, chunk_size=4, retrieve="token")
+    nodes, seen, scan_nodes = [y.grad_fn], set(), []
+    while nodes:  # the graph from y back to the inputs; the fused Function's node is its ctx
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "FusedChunkedScanBackward":
+            scan_nodes.append(node)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    assert len(scan_nodes) == 1
+    (node,) = scan_nodes
+    held = [leaf for value in vars(node).values() for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+    assert not held, f"{len(held)} tensors kept on the context outside save_for_backward"
+    assert len(node.saved_tensors) > 4  # the gates and every chunk's intermediates
+
+
+def test_checkpointed_fused_scan_gives_the_same_gradients():
+    tensors, weights, momentum = make_inputs(13, 2, torch.float64, seed=8)
+    options = dict(chunk_size=4, retrieve="token")
+    plain = run_with_grads(memory_scan, tensors, weights, momentum, upstream_seed=3, **options)
+
+    def checkpointed(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(memory_scan, *args, use_reentrant=False, **kwargs)
+
+    recomputed = run_with_grads(checkpointed, tensors, weights, momentum, upstream_seed=3, **options)
+    for name, value in plain.items():
+        assert torch.equal(recomputed[name], value), name

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .activations import activation_second_derivative
 from .decays import chunk_decays
@@ -283,16 +284,19 @@ class FusedChunkedScan(torch.autograd.Function):
             if keep_saved:
                 saved_chunks.append(saved)
         ctx.options = options
-        ctx.saved_chunks = saved_chunks
-        ctx.save_for_backward(retrieval_decays, update_scores, state_decays, state_rows)
+        # Every intermediate goes through save_for_backward (not a ctx attribute), so saved-tensor
+        # hooks see it: activation checkpointing drops it after forward and recomputes it.
+        saved_tensors, ctx.saved_layout = tree_flatten(saved_chunks)
+        ctx.save_for_backward(retrieval_decays, update_scores, state_decays, state_rows, *saved_tensors)
         return (torch.cat(outputs, dim=1), *states)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, *grad_states):
         chunk_size, activation, residual, token_retrieval, _ = ctx.options
-        gates = ChunkGates(*ctx.saved_tensors)
-        saved_chunks = ctx.saved_chunks
+        saved = ctx.saved_tensors
+        gates = ChunkGates(*saved[:4])
+        saved_chunks = tree_unflatten(list(saved[4:]), ctx.saved_layout)
         grad_q, grad_k, grad_v = (torch.empty_like(grad_y) for _ in range(3))
         grad_gates = ChunkGates(*(torch.zeros_like(x) for x in gates))
         seq_len = grad_y.shape[1]
