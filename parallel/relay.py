@@ -74,26 +74,28 @@ def _empty_buffers(specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
 class StateRelay:
     """Point-to-point state exchange with the neighbouring span owners of one sp group.
 
-    `previous_rank` / `next_rank` are global ranks (None at the ends of the sequence). Counts the
-    bytes this rank sends, forward and backward, for the benchmark.
+    `previous_rank` / `next_rank` are global ranks (None at the ends of the sequence). Messages
+    carry `tag`, so several relays between the same two ranks cannot take each other's messages.
+    Counts the bytes this rank sends, forward and backward, for the benchmark.
     """
 
-    def __init__(self, previous_rank: int | None, next_rank: int | None):
+    def __init__(self, previous_rank: int | None, next_rank: int | None, tag: int = 0):
         self.previous_rank = previous_rank
         self.next_rank = next_rank
+        self.tag = tag
         self._pending: list[dist.Work] = []
         self.bytes_sent = 0
         self.wait_seconds = 0.0  # blocked in receives: the wavefront's idle time on this rank
 
     def _isend(self, buffers: Sequence[torch.Tensor], destination: int) -> None:
         for buffer in buffers:
-            self._pending.append(dist.isend(buffer, dst=destination))
+            self._pending.append(dist.isend(buffer, dst=destination, tag=self.tag))
             self.bytes_sent += buffer.numel() * buffer.element_size()
 
     def _recv(self, buffers: Sequence[torch.Tensor], source: int) -> None:
         start = time.perf_counter()
         for buffer in buffers:
-            dist.recv(buffer, src=source)
+            dist.recv(buffer, src=source, tag=self.tag)
         self.wait_seconds += time.perf_counter() - start
 
     def finish(self) -> None:

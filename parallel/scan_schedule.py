@@ -34,10 +34,7 @@ Activation checkpointing would repeat the exchanges during recomputation and is 
 
 from __future__ import annotations
 
-import time
-
 import torch
-import torch.distributed as dist
 
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.linear_memory_scan import span_affine_map
@@ -55,26 +52,6 @@ from titans_train.parallel.validation import validate_sequence_parallel, validat
 MESSAGES_PER_LAYER = 4
 
 
-class _TaggedRelay(StateRelay):
-    """A `StateRelay` whose messages carry a tag, so several relays between the same two ranks
-    cannot take each other's messages."""
-
-    def __init__(self, previous_rank: int | None, next_rank: int | None, tag: int):
-        super().__init__(previous_rank, next_rank)
-        self.tag = tag
-
-    def _isend(self, buffers, destination: int) -> None:
-        for buffer in buffers:
-            self._pending.append(dist.isend(buffer, dst=destination, tag=self.tag))
-            self.bytes_sent += buffer.numel() * buffer.element_size()
-
-    def _recv(self, buffers, source: int) -> None:
-        start = time.perf_counter()
-        for buffer in buffers:
-            dist.recv(buffer, src=source, tag=self.tag)
-        self.wait_seconds += time.perf_counter() - start
-
-
 class RelayGroup:
     """The relays of one step (one per message), used like a `StateRelay` in `StepLoss`:
     `finish()` after backward; `bytes_sent` and `wait_seconds` summed over them."""
@@ -82,10 +59,10 @@ class RelayGroup:
     def __init__(self, previous_rank: int | None, next_rank: int | None):
         self.previous_rank = previous_rank
         self.next_rank = next_rank
-        self.relays: list[_TaggedRelay] = []
+        self.relays: list[StateRelay] = []
 
-    def new(self, tag: int) -> _TaggedRelay:
-        relay = _TaggedRelay(self.previous_rank, self.next_rank, tag)
+    def new(self, tag: int) -> StateRelay:
+        relay = StateRelay(self.previous_rank, self.next_rank, tag)
         self.relays.append(relay)
         return relay
 
@@ -118,14 +95,14 @@ class LockstepExchange:
     def start_layer(self, index: int) -> None:
         self._layer, self._calls = index, 0
 
-    def _relay(self) -> _TaggedRelay:
+    def _relay(self) -> StateRelay:
         if self._calls == MESSAGES_PER_LAYER:
             raise RuntimeError(f"layer {self._layer} asked for more than {MESSAGES_PER_LAYER} exchanges")
         tag = 1 + self._layer * MESSAGES_PER_LAYER + self._calls
         self._calls += 1
         return self.relays.new(tag)
 
-    def _send(self, relay: _TaggedRelay, state: dict[str, torch.Tensor]) -> None:
+    def _send(self, relay: StateRelay, state: dict[str, torch.Tensor]) -> None:
         if relay.next_rank is not None:
             self.relay_zeros = self.relay_zeros + relay.send(state, self.anchor)
 

@@ -82,10 +82,10 @@ def layouts_rank(root: str, stages: list[int]) -> dict:
     return out
 
 
-def resume_rank(root: str, stage: int) -> dict:
+def resume_rank(root: str, stage: int, overrides: tuple[str, ...] = ()) -> dict:
     """Uninterrupted run vs a run stopped by SIGUSR1 at STOP_AT and resumed (same world size)."""
     root = Path(root)
-    common = (f"parallel.zero_stage={stage}", f"train.steps={RESUME_STEPS}", "checkpoint.interval=0")
+    common = (f"parallel.zero_stage={stage}", f"train.steps={RESUME_STEPS}", "checkpoint.interval=0", *overrides)
     _, full = _losses(root / "full", *common)
     stopped_code, first = _losses(root / "stopped", *common, hooks=[_stop_with_signal_at(STOP_AT, signal.SIGUSR1)])
     import torch.distributed as dist
@@ -146,3 +146,16 @@ def test_resume_after_signal_is_exact_and_continues_on_another_world_size(tmp_pa
     (rest_on_one,) = run_distributed("test_train_distributed:other_world_rank", 1, 240, init_process_group=False,
                                      root=str(tmp_path), stage=stage)
     _assert_close(rest_on_one, result["full"][STOP_AT:], "resumed on 1 rank after 2")
+
+
+@pytest.mark.slow
+def test_resume_after_signal_is_exact_under_sequence_parallel_zero3(tmp_path):
+    # ZeRO-3 with sp shards over dp only: both span owners hold the same shard, one writes it
+    from titans_train.train.trainer import EXIT_OK, EXIT_REQUEUE
+
+    two = run_distributed("test_train_distributed:resume_rank", 2, 300, init_process_group=False,
+                          root=str(tmp_path), stage=3, overrides=("parallel.sp=2",))
+    result = two[0]
+    assert result["codes"] == (EXIT_REQUEUE, EXIT_OK)
+    assert result["first"] + result["rest"] == result["full"]  # bit-identical
+    assert two[1] == result
