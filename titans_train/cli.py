@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed and megatron-core call collectives torch 2.13 deprecates, once per call site and
+    # rank and again after their own warning filters reset: noise a user cannot act on.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # Parse the subcommand name first, then let its module define the rest of its arguments.
