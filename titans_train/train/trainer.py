@@ -160,6 +160,18 @@ class Trainer:
             resume is not None and config.parallel.zero_stage > 0
             and resume.manifest.get("data_parallel_size") != self.plan.data_parallel_size
         )
+        if load_universal and self.context.tp_size > 1:
+            from titans_train.config import InvalidValueError
+
+            manifest = resume.manifest
+            raise InvalidValueError(
+                "parallel.tp",
+                f"cannot resume {resume.path} (written by {manifest.get('world_size')} processes, data-parallel "
+                f"size {manifest.get('data_parallel_size')}) on data-parallel size {self.plan.data_parallel_size}: "
+                "changing it goes through DeepSpeed's universal checkpoint format, which cannot merge this "
+                "model's tensor-parallel shards yet. Relaunch with the checkpoint's world size, or start "
+                "afresh with checkpoint.auto_resume=false or another checkpoint.dir.",
+            )
         self.engine, self.optimizer, self.scheduler = build_engine(
             objective, config, self.plan, self.context,
             no_weight_decay=lambda name, param: no_weight_decay(name.removeprefix("model."), param),
