@@ -42,8 +42,10 @@ from titans_train.parallel.relay import StateRelay
 from titans_train.parallel.sequence_parallel import (
     StepLoss,
     initial_state_zero,
+    relay_anchor,
     span_bounds,
     span_step_loss,
+    zero3_partitioned,
 )
 from titans_train.parallel.validation import validate_sequence_parallel, validate_sp_schedule
 
@@ -158,7 +160,7 @@ def scan_schedule_loss(model, tokens: torch.Tensor, context: ParallelContext, to
     """`sequence_parallel_loss` with the lockstep schedule: same arguments, same `StepLoss`."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch, seq_len = inputs.shape
-    partitioned = any(hasattr(p, "ds_status") for p in model.parameters())  # by ZeRO-3
+    partitioned = zero3_partitioned(model)
     # Chunk-aligned spans: the exchange carries no open block (the relay would).
     validate_sequence_parallel(model.config, context.sp_size, seq_len)
     validate_sp_schedule(model.config, "scan", sp=context.sp_size, seq_len=seq_len,
@@ -166,8 +168,7 @@ def scan_schedule_loss(model, tokens: torch.Tensor, context: ParallelContext, to
                          zero_stage=3 if partitioned else 0)
     start, stop = span_bounds(seq_len, context)
     relays = RelayGroup(context.sp_previous_rank, context.sp_next_rank)
-    parameter = next(model.parameters())
-    anchor = torch.zeros((), dtype=parameter.dtype, device=parameter.device, requires_grad=True)
+    anchor = relay_anchor(model)
     telemetry = {} if return_telemetry else None
     logits, relay_zeros = forward_span_lockstep(model, inputs[:, start:stop], start, relays, anchor,
                                                 telemetry)

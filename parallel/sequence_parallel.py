@@ -51,6 +51,17 @@ def span_bounds(seq_len: int, context: ParallelContext) -> tuple[int, int]:
     return context.sp_rank * span, (context.sp_rank + 1) * span
 
 
+def zero3_partitioned(model) -> bool:
+    """Whether ZeRO-3 partitions the model's parameters (they carry `ds_status`)."""
+    return any(hasattr(p, "ds_status") for p in model.parameters())
+
+
+def relay_anchor(model) -> torch.Tensor:
+    """The 0-dim leaf the relay's autograd Functions hang on (see `relay.py`)."""
+    parameter = next(model.parameters())
+    return torch.zeros((), dtype=parameter.dtype, device=parameter.device, requires_grad=True)
+
+
 def initial_state_zero(layer, batch: int, hidden: torch.Tensor) -> torch.Tensor:
     """A 0-dim zero that uses every parameter of `layer`'s initial state (add it to the loss).
 
@@ -112,17 +123,17 @@ def forward_span(model, input_ids: torch.Tensor, position: int, relay: StateRela
     batch = input_ids.shape[0]
     hidden = model.embed_tokens(input_ids)  # (B, S, D)
     relay_zeros = anchor.new_zeros(())
-    # ZeRO-3 (parameters carry `ds_status`) reduces gradients only among ranks at the same span
-    # position (parallel/zero.py), so the initial state needs no place in later spans' graphs;
-    # its partitioned parameters cannot be read outside their module's forward either.
-    zero3_partitioned = any(hasattr(p, "ds_status") for p in model.parameters())
+    # ZeRO-3 reduces gradients only among ranks at the same span position (parallel/zero.py), so
+    # the initial state needs no place in later spans' graphs; its partitioned parameters cannot
+    # be read outside their module's forward either.
+    partitioned = zero3_partitioned(model)
     for layer in model.layers:
         if relay.previous_rank is None:
             incoming = None  # the first span starts from the layer's own initial state
         else:
             template = layer.empty_state(batch, position, hidden.device, hidden.dtype)
             incoming = relay.receive(template, anchor)
-            if not zero3_partitioned:
+            if not partitioned:
                 relay_zeros = relay_zeros + initial_state_zero(layer, batch, hidden)
         if activation_checkpointing and torch.is_grad_enabled() and telemetry is None:
             hidden, outgoing = checkpoint(layer, hidden, incoming, position, use_reentrant=False)
@@ -147,8 +158,7 @@ def sequence_parallel_loss(model, tokens: torch.Tensor, context: ParallelContext
     batch, seq_len = inputs.shape
     start, stop = span_bounds(seq_len, context)
     relay = StateRelay(context.sp_previous_rank, context.sp_next_rank)
-    parameter = next(model.parameters())
-    anchor = torch.zeros((), dtype=parameter.dtype, device=parameter.device, requires_grad=True)
+    anchor = relay_anchor(model)
     telemetry = {} if return_telemetry else None
     logits, relay_zeros = forward_span(model, inputs[:, start:stop], start, relay, anchor,
                                        activation_checkpointing, telemetry)
