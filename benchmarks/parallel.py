@@ -24,6 +24,7 @@ about speed: compute is oversubscribed whenever the world exceeds 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -126,7 +127,8 @@ def run_layout(variant: str, tp: int, sp: int, repeats: int):
     context = ParallelContext.initialize(tp=tp, sp=sp)
     torch.manual_seed(0)
     config = model_config(variant)
-    model = parallelize(TitansLM(config), None, context)
+    model = TitansLM(config)
+    plan = parallelize(model, None, context)
     tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN + 1),
                            generator=torch.Generator().manual_seed(1))
     counts = _count_collectives()
@@ -135,7 +137,7 @@ def run_layout(variant: str, tp: int, sp: int, repeats: int):
         counts.update(all_reduce=0, all_gather=0)
         dist.barrier()
         start = time.perf_counter()
-        step = parallel_loss(model, tokens, context)
+        step = parallel_loss(model, tokens, plan)
         step.objective.backward()
         step.relay.finish()
         elapsed = time.perf_counter() - start
@@ -159,7 +161,7 @@ def run_layout(variant: str, tp: int, sp: int, repeats: int):
 def run_linear_scan(repeats: int, span: int, heads: int, dim: int):
     """Op level, depth-1 memory: forward + backward of the relay and of the scan over ranks."""
     from titans_train.parallel import ParallelContext
-    from titans_train.parallel.linear_memory_scan import relay_memory_scan, scan_memory_scan
+    from linear_scan_drivers import relay_memory_scan, scan_memory_scan
 
     context = ParallelContext.initialize(tp=1, sp=dist.get_world_size())
     generator = torch.Generator().manual_seed(context.rank)
@@ -203,16 +205,18 @@ def run_sp_schedules(repeats: int):
     context = ParallelContext.initialize(tp=1, sp=dist.get_world_size())
     torch.manual_seed(0)
     config = replace(model_config("lmm"), memory_depth=1)
-    model = parallelize(TitansLM(config), None, context)
+    model = TitansLM(config)
+    plan = parallelize(model, None, context)
     tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN + 1),
                            generator=torch.Generator().manual_seed(1))
+    plans = {schedule: dataclasses.replace(plan, sp_schedule=schedule) for schedule in ("relay", "scan")}
     times = {"relay": [], "scan": []}
     waits = {"relay": [], "scan": []}
     for repeat in range(repeats + 1):
         for schedule in times:
             dist.barrier()
             start = time.perf_counter()
-            step = parallel_loss(model, tokens, context, sp_schedule=schedule)
+            step = parallel_loss(model, tokens, plans[schedule])
             step.objective.backward()
             step.relay.finish()
             elapsed = torch.tensor(time.perf_counter() - start)

@@ -23,6 +23,7 @@ about a GPU's speed; the byte counts do not depend on the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -126,19 +127,21 @@ def run(variant: str, dim: int, batch: int, seq_len: int, repeats: int):
     config = model_config(variant, dim)
     tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
-    models = {}
+    models, plans = {}, {}
     for sharded in (False, True):
         torch.manual_seed(0)
-        models[sharded] = parallelize(TitansLM(config),
-                                      ParallelConfig(tp=TP, tp_sequence_sharding=sharded), context)
+        models[sharded] = TitansLM(config)
+        plans[sharded] = parallelize(models[sharded], ParallelConfig(tp=TP, tp_sequence_sharding=sharded), context)
     counts = _count_collectives()
     results = {}
     for sharded, model in models.items():
+        plain, checkpointed = plans[sharded], dataclasses.replace(plans[sharded], activation_checkpointing=True)
+
         def forward(checkpointing=False):
-            return parallel_loss(model, tokens, context, activation_checkpointing=checkpointing).objective
+            return parallel_loss(model, tokens, checkpointed if checkpointing else plain).objective
 
         counts.update(all_reduce=0, all_gather=0, reduce_scatter=0)
-        step = parallel_loss(model, tokens, context)
+        step = parallel_loss(model, tokens, plain)
         step.objective.backward()
         step.relay.finish()
         model.zero_grad(set_to_none=True)
@@ -154,7 +157,7 @@ def run(variant: str, dim: int, batch: int, seq_len: int, repeats: int):
         for sharded, model in models.items():
             dist.barrier()
             start, cpu_start = time.perf_counter(), time.process_time()
-            step = parallel_loss(model, tokens, context)
+            step = parallel_loss(model, tokens, plans[sharded])
             step.objective.backward()
             step.relay.finish()
             results[sharded]["times"].append(time.perf_counter() - start)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from titans_train.data.errors import DataError
 
@@ -103,8 +102,4 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except DataError as error:
-        print(f"titans-train data: error: {error}", file=sys.stderr)
-        return 2
+    return _run(args)  # a DataError is a UserError: the CLI prints it on one line, exit 2

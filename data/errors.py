@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from titans_train.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """Base class: a problem with a corpus, a tokenizer or a prepared dataset (not a code bug)."""
 
 

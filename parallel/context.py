@@ -12,7 +12,9 @@ checks that megatron placed every rank where `ParallelLayout` says it is, and th
   tp and sp ranks of one replica load the same samples).
 
 A single process without torch.distributed gets a context of world 1 with no groups, so the same
-calling code runs unparallelised.
+calling code runs unparallelised. With tp = sp = 1 every rank is a data-parallel replica: the
+world group is the dp and gradient group and megatron-core is not involved (no groups to build,
+and DeepSpeed's own default groups are this layout, so `mpu()` is None).
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ import torch.distributed as dist
 
 from titans_train.parallel.layout import ParallelConfigError, ParallelLayout, RankCoordinates
 from titans_train.parallel.megatron_cpu import install_megatron_cpu_shim
-from titans_train.parallel.validation import (
-    validate_sequence_parallel,
-    validate_tensor_parallel,
-)
 
 # megatron-core's rank order: tp fastest, then cp (our sp), then ep (1) and dp, pp (1) last.
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"
@@ -58,23 +56,21 @@ class ParallelContext:
     gradient_group: Any = None
 
     @classmethod
-    def initialize(cls, tp: int = 1, sp: int = 1, *, model_config=None,
-                   seq_len: int | None = None) -> ParallelContext:
-        """Validate (tp, sp) against the world, then build the groups with megatron-core.
+    def initialize(cls, tp: int = 1, sp: int = 1) -> ParallelContext:
+        """Build the groups of the (tp, sp) layout with megatron-core.
 
-        With `model_config` (a TitansConfig) and `seq_len`, the head counts and span lengths are
-        validated too, before any group is created. Call after
+        The layout was validated with the config (`validate_parallel_layout`); only the world
+        arithmetic is re-checked here, as it is needed to build the layout. Call after
         `torch.distributed.init_process_group` (or `deepspeed.init_distributed`); in a single
         process without it, only tp = sp = 1 is valid and no groups are built.
         """
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
-        if model_config is not None:
-            validate_tensor_parallel(model_config, tp)
-            if seq_len is not None:
-                validate_sequence_parallel(model_config, sp, seq_len)
         if not dist.is_initialized():
             return cls(layout=layout, rank=0)
+        if layout.tp == layout.sp == 1:
+            world = dist.group.WORLD
+            return cls(layout=layout, rank=dist.get_rank(), dp_group=world, gradient_group=world)
 
         from megatron.core import parallel_state
 
@@ -155,9 +151,12 @@ class ParallelContext:
     def sp_next_rank(self) -> int | None:
         return self.layout.sp_neighbours(self.rank)[1]
 
-    def mpu(self, partition_over_sp: bool = True) -> DeepSpeedMPU:
+    def mpu(self, partition_over_sp: bool = True) -> DeepSpeedMPU | None:
         """DeepSpeed's model-parallel unit: data-parallel = dp x sp (dp alone without
-        `partition_over_sp`, see `parallel/zero.py`), model-parallel = tp."""
+        `partition_over_sp`, see `parallel/zero.py`), model-parallel = tp. None for pure data
+        parallelism, where DeepSpeed's default groups are the layout."""
+        if self.layout.tp == self.layout.sp == 1:
+            return None
         return DeepSpeedMPU(self, partition_over_sp)
 
     @staticmethod

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from titans_train.errors import ConfigError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(ConfigError):
     """A parallel layout that cannot run. `key` names the config entry at fault."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        self.reason = message
-        super().__init__(f"{key}: {message}")
 
 
 def _divisors(n: int) -> list[int]:

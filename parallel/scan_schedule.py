@@ -10,7 +10,7 @@ time. Per layer, on every rank:
    hop, all ranks at once (for mal the attention tail is taken from the memory's output, after
    step 3, the same way);
 2. memory state: the span's effect on X = [W | S] is affine, X_out = X_in A + b
-   (`linear_memory_scan.span_affine_map`, in closed form per chunk). Every rank but the last
+   (`titans_train.kernels.memory_scan.span_map`, in closed form per chunk). Every rank but the last
    computes its (A, b) at the same time; then the incoming states are found by a scan over the
    ranks of these maps: rank r receives X_in from r-1, sends X_in A_r + b_r to r+1. Each hop is
    one (d x 2d) @ (2d x 2d) product per head, not a span;
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from titans_train.parallel.context import ParallelContext
-from titans_train.parallel.linear_memory_scan import span_affine_map
+from titans_train.kernels.memory_scan.span_map import span_affine_map
 from titans_train.parallel.relay import StateRelay
 from titans_train.parallel.sequence_parallel import (
     StepLoss,
@@ -45,9 +45,8 @@ from titans_train.parallel.sequence_parallel import (
     relay_anchor,
     span_bounds,
     span_step_loss,
-    zero3_partitioned,
 )
-from titans_train.parallel.validation import validate_sequence_parallel, validate_sp_schedule
+from titans_train.parallel.validation import validate_sequence_parallel
 
 # Exchanges per layer: attention tail, conv tails, memory state (mag: that order; mal: conv,
 # memory, attention). Tags are 1 + layer * MESSAGES_PER_LAYER + call.
@@ -155,17 +154,14 @@ def forward_span_lockstep(model, input_ids: torch.Tensor, position: int, relays:
 
 
 def scan_schedule_loss(model, tokens: torch.Tensor, context: ParallelContext, token_loss_fn,
-                       activation_checkpointing: bool = False,
                        return_telemetry: bool = False) -> StepLoss:
-    """`sequence_parallel_loss` with the lockstep schedule: same arguments, same `StepLoss`."""
+    """`sequence_parallel_loss` with the lockstep schedule (never activation-checkpointed: the
+    config refuses it), same `StepLoss`."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch, seq_len = inputs.shape
-    partitioned = zero3_partitioned(model)
-    # Chunk-aligned spans: the exchange carries no open block (the relay would).
+    # The config was validated for train.seq_len; a call of another length (evaluation) must
+    # still give chunk-aligned spans: the exchange carries no open block (the relay would).
     validate_sequence_parallel(model.config, context.sp_size, seq_len)
-    validate_sp_schedule(model.config, "scan", sp=context.sp_size, seq_len=seq_len,
-                         activation_checkpointing=activation_checkpointing,
-                         zero_stage=3 if partitioned else 0)
     start, stop = span_bounds(seq_len, context)
     relays = RelayGroup(context.sp_previous_rank, context.sp_next_rank)
     anchor = relay_anchor(model)

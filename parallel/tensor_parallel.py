@@ -81,7 +81,16 @@ TP_PLAN: dict[str, str] = {
     "layers.*.mixer.output.gate_proj": "column",
     "layers.*.mixer.output.out_proj": "row",
 }
-HEAD_COUNT_ATTRIBUTES = ("n_heads", "n_memory_heads")
+# The modules that split their input into heads, by path, and the attribute holding their head
+# count: each rank's module runs 1/tp of the heads (the plan above splits their weights so).
+HEAD_COUNTS: dict[str, str] = {
+    "layers.*.mixer.attention": "n_heads",
+    "layers.*.mixer.output": "n_heads",
+    "layers.*.mixer.output.norm": "n_heads",
+    "layers.*.mixer.memory": "n_memory_heads",
+    "layers.*.mixer.memory_norm": "n_heads",
+    "layers.*.mixer.y_norm": "n_heads",
+}
 MODULE_STYLES = ("column", "row", "row_to_local_channels", "vocab_embedding", "vocab_head")
 
 
@@ -232,23 +241,17 @@ def _check_row_outputs(model: nn.Module, plan: dict[str, str]) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
-                          plan: dict[str, str] = TP_PLAN, sequence_sharding: bool = False) -> nn.Module:
-    """Shard `model` (a built TitansLM) in place for this rank's tp coordinate; returns it.
+                          plan: dict[str, str] = TP_PLAN, sequence_sharding: bool = False) -> None:
+    """Shard `model` (a built TitansLM) in place for this rank's tp coordinate (a no-op at tp 1).
 
-    Order: validate the head counts and that the plan covers every parameter, replace modules
-    (linear layers, embedding, head), split per-head parameters, rewrite head counts, and with
-    `sequence_sharding` (ignored at tp = 1) replace the replicated norms by sequence-sharded ones.
-    Sets `model.tensor_parallel_size` and `model.tp_sequence_sharding`.
+    Order: check that the plan covers every parameter, replace modules (linear layers,
+    embedding, head), split per-head parameters, divide the head counts of HEAD_COUNTS, and with
+    `sequence_sharding` replace the replicated norms by sequence-sharded ones. The layout was
+    validated with the config (head counts divide by tp).
     """
     tp = context.tp_size
-    model.tensor_parallel_size = tp
-    model.padded_vocab_size = padded_vocab_size(model.config.vocab_size, tp)
-    model.tp_sequence_sharding = sequence_sharding and tp > 1
     if tp == 1:
-        return model
-    from titans_train.parallel.validation import validate_tensor_parallel
-
-    validate_tensor_parallel(model.config, tp)
+        return
     # Before touching anything: a parameter the plan does not name would silently stay whole.
     uncovered = [path for path, _ in model.named_parameters()
                  if plan_style(path, plan) is None
@@ -257,6 +260,7 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
         raise RuntimeError(f"TP_PLAN does not say how to split {uncovered}; add them to the plan")
     if sequence_sharding:
         _check_row_outputs(model, plan)
+    vocab_padded = padded_vocab_size(model.config.vocab_size, tp)
     install_megatron_cpu_shim()
     column_cls, row_cls = _parallel_linear_classes()
     dtype = model.embedding.weight.dtype
@@ -299,7 +303,7 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
             if getattr(module, "is_residual_projection", False):
                 new.is_residual_projection = True
         elif style == "vocab_embedding":
-            padded = model.padded_vocab_size
+            padded = vocab_padded
             new = embedding_cls(padded, module.embedding_dim, init_method=_no_init,
                                 config=megatron_config, tp_group=context.tp_group,
                                 reduce_scatter_embeddings=sequence_sharding)
@@ -309,11 +313,11 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                 new.weight.copy_(_shard(full, 0, context))
             _mark_sharded(new.weight, 0)
         else:  # vocab_head, after the embedding (named_modules lists `embedding` first)
-            local = model.padded_vocab_size // tp
+            local = vocab_padded // tp
             if tied:
                 weight = model.embedding.weight
             else:
-                full = torch.zeros(model.padded_vocab_size, module.in_features, dtype=dtype)
+                full = torch.zeros(vocab_padded, module.in_features, dtype=dtype)
                 full[: module.out_features] = module.weight.detach()
                 weight = nn.Parameter(_shard(full, 0, context))
                 _mark_sharded(weight, 0)
@@ -330,10 +334,10 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
         _mark_sharded(sharded, 0)
         setattr(owner, name, sharded)
 
-    for module in model.modules():
-        for attribute in HEAD_COUNT_ATTRIBUTES:
-            if isinstance(getattr(module, attribute, None), int):
-                setattr(module, attribute, getattr(module, attribute) // tp)
+    for path, module in model.named_modules():
+        attribute = plan_style(path, HEAD_COUNTS)
+        if attribute is not None:
+            setattr(module, attribute, getattr(module, attribute) // tp)
 
     if sequence_sharding:
         for path, _ in list(model.named_parameters()):
@@ -341,7 +345,6 @@ def apply_tensor_parallel(model: nn.Module, context: ParallelContext,
                 module_path = path.rpartition(".")[0]
                 _set_submodule(model, module_path,
                                SequenceShardedRMSNorm(model.get_submodule(module_path), context.tp_group))
-    return model
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, tensor_parallel_size: int = 1) -> torch.Tensor:

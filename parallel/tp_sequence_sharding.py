@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 import torch
 
-from titans_train.model.layers import RMSNorm, _rms_normalize
+from titans_train.model.layers import RMSNorm, rms_normalize
 from titans_train.parallel.layout import ParallelConfigError
 
 # Where each row-parallel projection's output goes when the norm regions are sequence-sharded:
@@ -156,7 +156,7 @@ class SequenceShardedRMSNorm(RMSNorm):
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
-        shard = _rms_normalize(hidden, self.eps) * weight  # (B, T/tp, D)
+        shard = rms_normalize(hidden, self.eps) * weight  # (B, T/tp, D)
         gathered = gather_sequence(shard, self.tp_group)  # (B, T, D)
         if _regathering and torch.is_grad_enabled():
             _register_gathered(gathered, shard, self.tp_group)

@@ -125,14 +125,17 @@ def validate_sp_schedule(model_config, sp_schedule: str, *, sp: int = 1, seq_len
             )
 
 
-def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int,
-                             seq_len: int,
-                             tp_sequence_sharding: bool = False,
-                             sp_schedule: str = "relay") -> ParallelLayout:
-    """All checks at once; returns the (tp, sp, dp) layout. Call before creating process groups."""
-    layout = ParallelLayout.from_world(world_size, tp=tp, sp=sp)
+def validate_parallel_layout(model_config, *, tp: int, sp: int, world_size: int | None, seq_len: int,
+                             tp_sequence_sharding: bool = False, sp_schedule: str = "relay",
+                             activation_checkpointing: bool = False,
+                             zero_stage: int = 0) -> ParallelLayout | None:
+    """Every layout check, before any process group exists: the one entry point (config
+    validation calls it). Returns the (tp, sp, dp) layout, None when `world_size` is unknown."""
+    layout = None if world_size is None else ParallelLayout.from_world(world_size, tp=tp, sp=sp)
     validate_tensor_parallel(model_config, tp)
-    validate_sequence_parallel(model_config, sp, seq_len)
+    if sp > 1:
+        validate_sequence_parallel(model_config, sp, seq_len)
     validate_tp_sequence_sharding(tp=tp, sp=sp, seq_len=seq_len, enabled=tp_sequence_sharding)
-    validate_sp_schedule(model_config, sp_schedule, sp=sp, seq_len=seq_len)
+    validate_sp_schedule(model_config, sp_schedule, sp=sp, seq_len=seq_len,
+                         activation_checkpointing=activation_checkpointing, zero_stage=zero_stage)
     return layout

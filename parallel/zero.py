@@ -22,24 +22,21 @@ ranks that gather each other's parameter shards then sit at the same span positi
 lockstep. Parameters and optimizer state are sharded over dp and replicated over the sp ranks of
 a replica (the memory cost of this layout), and the sp average of the gradients happens here,
 between the last backward and DeepSpeed's reduction over dp. The sp replicas would write the
-same ZeRO checkpoint files, so only sp rank 0 writes them (`initialize_engine`); on load every
-replica reads them.
+same ZeRO checkpoint files; `titans_train.train.checkpoint.assign_checkpoint_writers` lets only
+sp rank 0 write them, and on load every replica reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from titans_train.parallel.context import ParallelContext
-
-# forward(tokens) -> (what to back-propagate, the detached loss to log, what to call after backward)
-MicroStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Callable[[], None]]]
-
 
 def zero_partitions_over_sp(zero_stage: int, sp: int) -> bool:
     """Whether ZeRO's data-parallel group (sharding and gradient averaging) includes the sp ranks."""
@@ -78,10 +75,6 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     )
     if zero_stage == 3:
         _register_initial_state_parameters(engine.module)
-    if not zero_partitions_over_sp(zero_stage, context.sp_size) and context.sp_rank > 0:
-        # Same dp rank and tp rank as sp rank 0, so the same file names, and the same contents.
-        engine.save_zero_checkpoint = False
-        engine.save_non_zero_checkpoint = False
     return engine, deepspeed_optimizer, scheduler
 
 
@@ -146,39 +139,65 @@ def _reductions_after_backward(engine, context: ParallelContext):
             _average_over_sp(engine.module, context)
 
 
-def optimizer_step(engine, context: ParallelContext, micro_batches: Iterable[torch.Tensor],
-                   forward: MicroStep, after_backward: Callable[[], None] | None = None) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class OptimizerStep:
+    loss: float  # mean token loss of the global batch (every micro-batch, every replica)
+    grad_norm: float | None  # the global gradient norm before clipping (None: DeepSpeed gave none)
+
+
+def _replicated_grad_norm(model: torch.nn.Module) -> float:
+    """The gradient norm when every rank holds all (averaged) gradients: ZeRO-0 without tp."""
+    squares = [p.grad.detach().float().pow(2).sum() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
+def _after_backward(engine, replicated: bool, inspect_gradients) -> float | None:
+    if inspect_gradients is not None:
+        inspect_gradients()
+    return _replicated_grad_norm(engine.module) if replicated else None
+
+
+def optimizer_step(engine, plan, micro_batches: Sequence[torch.Tensor],
+                   inspect_gradients: Callable[[], None] | None = None) -> OptimizerStep:
     """Forward and backward of every micro-batch of one optimizer step, then the step.
 
-    `after_backward` runs once, after the last backward, when the gradients are reduced and
-    before the optimizer consumes them. Returns the micro-batches' losses.
+    `engine` wraps a `ParallelObjective` with `plan`; each micro-batch is this replica's (B, T+1)
+    token block. The pre-clipping gradient norm is DeepSpeed's where it computes one (ZeRO >= 1,
+    and every layout with tp > 1), else taken from the whole gradients after the last backward.
+    `inspect_gradients` (tests, diagnostics) runs at that same point: gradients reduced, not
+    yet consumed by the optimizer.
     """
-    micro_batches = list(micro_batches)
-    losses = []
+    context = plan.context
+    replicated = engine.zero_optimization_stage() == 0 and context.tp_size == 1
+    losses, grad_norm = [], None
     if context.sp_size == 1:  # DeepSpeed's own accumulation: it steps at its boundary
         for index, tokens in enumerate(micro_batches):
-            objective, loss, finish = forward(tokens)
-            engine.backward(objective)
-            finish()
-            losses.append(loss)
-            if index == len(micro_batches) - 1 and after_backward is not None:
-                after_backward()
+            step = engine(tokens)
+            engine.backward(step.objective)
+            step.relay.finish()
+            losses.append(step.loss)
+            if index == len(micro_batches) - 1:
+                grad_norm = _after_backward(engine, replicated, inspect_gradients)
             engine.step()
-        return losses
-    scale = 1.0 / len(micro_batches)
-    with _reductions_after_backward(engine, context):
-        for tokens in micro_batches:
-            objective, loss, finish = forward(tokens)
-            engine.backward(objective * scale)
-            finish()
-            losses.append(loss)
-    if after_backward is not None:
-        after_backward()
-    engine.step()
-    return losses
+    else:
+        scale = 1.0 / len(micro_batches)
+        with _reductions_after_backward(engine, context):
+            for tokens in micro_batches:
+                step = engine(tokens)
+                engine.backward(step.objective * scale)
+                step.relay.finish()
+                losses.append(step.loss)
+        grad_norm = _after_backward(engine, replicated, inspect_gradients)
+        engine.step()
+    if grad_norm is None:
+        reported = engine.get_global_grad_norm()
+        grad_norm = float(reported) if reported is not None else None
+    loss = float(torch.stack([loss.detach().double().cpu() for loss in losses]).mean())
+    return OptimizerStep(loss=loss, grad_norm=grad_norm)
 
 
 __all__ = [
+    "OptimizerStep",
     "deepspeed_batch_settings",
     "deepspeed_data_parallel_size",
     "initialize_engine",

@@ -108,8 +108,18 @@ def grid_id(case):
     return f"chunk{chunk_size}-T{seq_len}-depth{depth}-{retrieve}-{'residual' if residual else 'plain'}"
 
 
-def test_public_op_is_the_chunked_form():
-    assert memory_scan is not memory_scan_sequential
+def test_public_op_is_the_fused_chunked_kernel():
+    """memory_scan runs the fused chunk loop (its autograd node is in the graph), not the oracle."""
+    tensors, weights, momentum = make_inputs(9, 2, torch.float64, seed=3)
+    y, _ = memory_scan(*(x.requires_grad_() for x in tensors), weights, momentum, chunk_size=4)
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert "FusedChunkedScanBackward" in {type(node).__name__ for node in seen}
 
 
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -205,12 +215,17 @@ def test_split_and_continue_equals_whole(split, implementation):
 
 
 def test_empty_sequence_returns_the_state():
-    (q, k, v, theta, eta, alpha), weights, momentum = make_inputs(0, 2, torch.float32, seed=0)
+    (q, k, v, theta, eta, alpha), weights, momentum = make_inputs(0, 2, torch.float64, seed=0)
+    weights, momentum = tuple(w.requires_grad_() for w in weights), tuple(s.requires_grad_() for s in momentum)
     y, (weights_out, momentum_out) = memory_scan(
         q, k, v, theta, eta, alpha, weights, momentum, chunk_size=4
     )
-    assert y.shape == q.shape
+    assert y.shape == q.shape and y.dtype == q.dtype
     assert all(torch.equal(a, b) for a, b in zip(weights_out + momentum_out, weights + momentum))
+    # The state passes through unchanged, so its gradient does too.
+    upstream = [torch.randn_like(state) for state in weights_out + momentum_out]
+    grads = torch.autograd.grad(weights_out + momentum_out, weights + momentum, upstream)
+    assert all(torch.equal(grad, expected) for grad, expected in zip(grads, upstream))
 
 
 def test_autograd_form_has_second_derivatives():

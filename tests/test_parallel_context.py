@@ -8,6 +8,7 @@ from distributed import run_distributed
 from titans_train.model import TitansConfig
 from titans_train.parallel.context import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
+from titans_train.parallel.validation import validate_parallel_layout
 
 # Each layout is one megatron initialisation (a collective per group); the grids of every
 # (tp, sp) of a 64-rank world are compared with megatron's rank generator in test_parallel_layout.
@@ -22,9 +23,9 @@ def build_every_layout():
         ParallelContext.initialize(tp=1, sp=3)
     heads = TitansConfig(variant="lmm", vocab_size=64, dim=24, n_layers=1, n_heads=6, chunk_size=4)
     with pytest.raises(ParallelConfigError, match="model.n_heads = 6 is not divisible by parallel.tp = 4"):
-        ParallelContext.initialize(tp=4, sp=1, model_config=heads)
+        validate_parallel_layout(heads, tp=4, sp=1, world_size=4, seq_len=12)
     with pytest.raises(ParallelConfigError, match="model.chunk_size = 4"):
-        ParallelContext.initialize(tp=2, sp=2, model_config=heads, seq_len=12)
+        validate_parallel_layout(heads, tp=2, sp=2, world_size=4, seq_len=12)
     assert not parallel_state.model_parallel_is_initialized()  # rejected before group work
     seen = []
     for tp, sp in LAYOUTS:

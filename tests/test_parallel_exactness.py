@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from titans_train.model import VARIANTS, TitansConfig, TitansLM
 from titans_train.parallel import ParallelContext
+from titans_train.config.schema import ParallelConfig
 from titans_train.parallel.parallelize import ParallelObjective, parallel_loss, parallelize
 from titans_train.parallel.sequence_parallel import average_gradients
 from titans_train.parallel.tensor_parallel import gather_full_gradients, unshard
 from titans_train.parallel.zero import deepspeed_batch_settings, initialize_engine, optimizer_step
+from titans_train.train.checkpoint import assign_checkpoint_writers
 
 TOLERANCE = 1e-5
 VOCAB = 70  # not a multiple of tp = 2 or 4: exercises the vocabulary padding
@@ -72,9 +74,8 @@ def check_plain_layouts(layouts):
             expected_loss.backward()
             expected_grads = {name: p.grad for name, p in reference.named_parameters()}
 
-            parallelize(model, None, context)
-            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], context,
-                                 activation_checkpointing)
+            plan = parallelize(model, ParallelConfig(activation_checkpointing=activation_checkpointing), context)
+            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], plan)
             step.objective.backward()
             step.relay.finish()
             average_gradients(model, context)
@@ -82,7 +83,7 @@ def check_plain_layouts(layouts):
             # evaluation path: no autograd through the relay, telemetry from every layer
             with torch.no_grad():
                 evaluation = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank],
-                                           context, return_telemetry=True)
+                                           plan, return_telemetry=True)
                 evaluation.relay.finish()
                 expected_telemetry = reference(tokens.chunk(context.layout.dp)[context.data_rank][:, :-1],
                                                return_telemetry=True).telemetry
@@ -115,8 +116,8 @@ def check_bf16_layouts(layouts):
             tokens = global_batch(seed=1, samples=MICRO_BATCH)
             with torch.no_grad():
                 expected_loss = reference_loss(model, tokens)
-            parallelize(model.to(torch.bfloat16), None, context)
-            step = parallel_loss(model, tokens, context)
+            plan = parallelize(model.to(torch.bfloat16), None, context)
+            step = parallel_loss(model, tokens, plan)
             step.objective.backward()
             step.relay.finish()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -147,12 +148,13 @@ def _optimizer(parameters):
     return torch.optim.AdamW(parameters, lr=1e-2, eps=1e-3, weight_decay=0.1, foreach=False)
 
 
-def build_engine(model, context, stage, accumulation=1, reduce_bucket_size=None):
+def build_engine(model, plan, stage, accumulation=1, reduce_bucket_size=None):
     """A DeepSpeed engine around the parallel objective. A small `reduce_bucket_size` makes ZeRO
     reduce gradient buckets during backward, as it does on models larger than the default
     5e8-element bucket."""
     _deepspeed()
-    objective = ParallelObjective(model, context)
+    context = plan.context
+    objective = ParallelObjective(model, plan)
     config = {
         **deepspeed_batch_settings(context, stage, MICRO_BATCH, accumulation),
         "gradient_clipping": CLIP,
@@ -165,15 +167,8 @@ def build_engine(model, context, stage, accumulation=1, reduce_bucket_size=None)
     if reduce_bucket_size is not None:
         config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
     engine, *_ = initialize_engine(objective, _optimizer(objective.parameters()), config, context)
+    assign_checkpoint_writers(engine, context)
     return engine
-
-
-def micro_step(engine):
-    """`optimizer_step`'s forward: (objective, loss, finish) of one micro-batch."""
-    def forward(tokens):
-        step = engine(tokens)
-        return step.objective, step.loss, step.relay.finish
-    return forward
 
 
 def check_zero_layouts(layouts, steps=3, variants=VARIANTS, reduce_bucket_size=None):
@@ -190,8 +185,8 @@ def check_zero_layouts(layouts, steps=3, variants=VARIANTS, reduce_bucket_size=N
             model = TitansLM(tiny_config(variant))
             reference = copy.deepcopy(model)
             reference_optimizer = _optimizer(reference.parameters())
-            parallelize(model, None, context)
-            engine = build_engine(model, context, stage, accumulation, reduce_bucket_size)
+            plan = parallelize(model, None, context)
+            engine = build_engine(model, plan, stage, accumulation, reduce_bucket_size)
             loss_error = grad_error = 0.0
             grad_name = ""
             for step_index in range(steps):
@@ -212,10 +207,10 @@ def check_zero_layouts(layouts, steps=3, variants=VARIANTS, reduce_bucket_size=N
                         local_grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
                         grad_error, grad_name = worst(unshard(model, context, local_grads), expected_grads)
 
-                micro_losses = optimizer_step(engine, context, replica_tokens.chunk(accumulation),
-                                              micro_step(engine), after_backward=compare_gradients)
-                mean_loss = torch.stack(micro_losses).mean()  # equal token counts per micro-batch
-                loss_error = max(loss_error, relative_error(mean_loss, expected_loss.detach()))
+                outcome = optimizer_step(engine, plan, replica_tokens.chunk(accumulation),
+                                         inspect_gradients=compare_gradients)
+                # the mean of the micro-batches' losses: equal token counts per micro-batch
+                loss_error = max(loss_error, relative_error(torch.tensor(outcome.loss), expected_loss.detach()))
             local_params = {name: safe_get_full_fp32_param(p) if stage else p.detach()
                             for name, p in model.named_parameters()}
             param_error, param_name = worst(
@@ -237,16 +232,14 @@ def check_resume(tp, sp, stage, directory, variant="mac"):
     def fresh_engine(seed):
         torch.manual_seed(seed)
         model = TitansLM(tiny_config(variant))
-        parallelize(model, None, context)
-        return build_engine(model, context, stage)
+        return build_engine(model, parallelize(model, None, context), stage)
 
     def train(engine, first, last):
         losses = []
         for step_index in range(first, last):
             tokens = global_batch(seed=200 + step_index, samples=MICRO_BATCH * context.layout.dp)
-            (loss,) = optimizer_step(engine, context, [tokens.chunk(context.layout.dp)[context.data_rank]],
-                                     micro_step(engine))
-            losses.append(loss.item())
+            outcome = optimizer_step(engine, engine.module.plan, [tokens.chunk(context.layout.dp)[context.data_rank]])
+            losses.append(outcome.loss)
         return losses
 
     engine = fresh_engine(seed=0)

@@ -8,12 +8,8 @@ import torch.distributed as dist
 from distributed import run_distributed
 from titans_train.kernels import memory_scan
 from titans_train.parallel import ParallelContext
-from titans_train.parallel.linear_memory_scan import (
-    relay_memory_scan,
-    scan_memory_scan,
-    span_affine_map,
-    span_affine_map_reference,
-)
+from linear_scan_drivers import relay_memory_scan, scan_memory_scan
+from titans_train.kernels.memory_scan.span_map import span_affine_map, span_affine_map_reference
 
 TOLERANCE = 1e-5
 BATCH, HEADS, SEQ_LEN, DIM, CHUNK = 2, 2, 32, 4, 4

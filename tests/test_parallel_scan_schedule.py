@@ -35,7 +35,8 @@ from titans_train.kernels import memory_scan
 from titans_train.model import TitansLM
 from titans_train.parallel import ParallelContext
 from titans_train.parallel.layout import ParallelConfigError
-from titans_train.parallel.linear_memory_scan import span_affine_map
+from titans_train.kernels.memory_scan.span_map import span_affine_map
+from titans_train.config.schema import ParallelConfig
 from titans_train.parallel.parallelize import ParallelObjective, parallel_loss, parallelize
 from titans_train.parallel.sequence_parallel import average_gradients
 from titans_train.parallel.tensor_parallel import gather_full_gradients, unshard
@@ -63,9 +64,9 @@ def check_scan_layouts(layouts):
             reference = copy.deepcopy(model)
             reference_optimizer = _optimizer(reference.parameters())
             # the trainer's route: parallelize records the config's schedule, the objective uses it
-            parallelize(model, SimpleNamespace(tp=tp, sp=sp, sp_schedule="scan",
-                                               tp_sequence_sharding=sequence_sharding), context)
-            objective = ParallelObjective(model, context)
+            plan = parallelize(model, ParallelConfig(tp=tp, sp=sp, sp_schedule="scan",
+                                                     tp_sequence_sharding=sequence_sharding), context)
+            objective = ParallelObjective(model, plan)
             optimizer = _optimizer(model.parameters())
             loss_error = 0.0
             for step_index in range(STEPS):
@@ -90,8 +91,8 @@ def check_scan_layouts(layouts):
                 {name: p.detach() for name, p in reference.named_parameters()})
             with torch.no_grad():
                 tokens = global_batch(seed=1, samples=MICRO_BATCH * dp)
-                evaluation = parallel_loss(model, tokens.chunk(dp)[context.data_rank], context,
-                                           return_telemetry=True, sp_schedule="scan")
+                evaluation = parallel_loss(model, tokens.chunk(dp)[context.data_rank], plan,
+                                           return_telemetry=True)
                 evaluation.relay.finish()
                 expected = reference_loss(reference, tokens)
                 expected_telemetry = reference(tokens[:1, :-1], return_telemetry=True).telemetry
@@ -129,8 +130,8 @@ def check_bf16_scan(sp):
         tokens = global_batch(seed=1, samples=MICRO_BATCH)
         with torch.no_grad():
             expected_loss = reference_loss(model, tokens)
-        parallelize(model.to(torch.bfloat16), None, context)
-        step = parallel_loss(model, tokens, context, sp_schedule="scan")
+        plan = parallelize(model.to(torch.bfloat16), ParallelConfig(sp=sp, sp_schedule="scan"), context)
+        step = parallel_loss(model, tokens, plan)
         step.objective.backward()
         step.relay.finish()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -267,13 +268,6 @@ def test_scan_schedule_refuses_spans_shorter_than_a_tail_and_activation_checkpoi
         validate_sp_schedule(config, "scan", sp=4, seq_len=32)
     with pytest.raises(ParallelConfigError, match="activation_checkpointing"):
         validate_sp_schedule(linear_config("lmm"), "scan", sp=2, activation_checkpointing=True)
-
-
-def test_parallel_loss_refuses_scan_for_mac_before_any_work():
-    context = ParallelContext.initialize()
-    model = TitansLM(replace(tiny_config("mac"), memory_depth=1))
-    with pytest.raises(ParallelConfigError, match="variant mac"):
-        parallel_loss(model, global_batch(seed=0, samples=1), context, sp_schedule="scan")
 
 
 def test_config_validation_names_parallel_sp_schedule():

@@ -50,8 +50,9 @@ def _record_hidden(model: TitansLM) -> list[torch.Tensor]:
     return recorded
 
 
-def _sharded(tp: int, sp: int) -> ParallelConfig:
-    return ParallelConfig(tp=tp, sp=sp, tp_sequence_sharding=True)
+def _sharded(tp: int, sp: int, activation_checkpointing: bool = False, sp_schedule: str = "relay") -> ParallelConfig:
+    return ParallelConfig(tp=tp, sp=sp, tp_sequence_sharding=True,
+                          activation_checkpointing=activation_checkpointing, sp_schedule=sp_schedule)
 
 
 def check_sharded_layouts(layouts):
@@ -72,17 +73,15 @@ def check_sharded_layouts(layouts):
             expected_loss.backward()
             expected_grads = {name: p.grad for name, p in reference.named_parameters()}
 
-            parallelize(model, _sharded(tp, sp), context)
+            plan = parallelize(model, _sharded(tp, sp, activation_checkpointing, sp_schedule), context)
             hidden = _record_hidden(model)
-            step = parallel_loss(model, replica_tokens, context, activation_checkpointing,
-                                 sp_schedule=sp_schedule)
+            step = parallel_loss(model, replica_tokens, plan)
             step.objective.backward()
             step.relay.finish()
             average_gradients(model, context)
             grad_error, grad_name = worst(gather_full_gradients(model, context), expected_grads)
             with torch.no_grad():  # evaluation path: no autograd, telemetry from every layer
-                evaluation = parallel_loss(model, replica_tokens, context, return_telemetry=True,
-                                           sp_schedule=sp_schedule)
+                evaluation = parallel_loss(model, replica_tokens, plan, return_telemetry=True)
                 evaluation.relay.finish()
                 expected_telemetry = reference(tokens[:1, :-1], return_telemetry=True).telemetry
 
@@ -104,7 +103,7 @@ def check_sharded_layouts(layouts):
                 telemetry_keys=(sorted(evaluation.telemetry), sorted(expected_telemetry)),
                 hidden_shapes=sorted({tuple(value.shape) for value in hidden}),
                 expected_shape=(MICRO_BATCH, shard_len, model.config.dim),
-                sharded=model.tp_sequence_sharding))
+                sharded=plan.sequence_sharding))
     ParallelContext.destroy()
     return records
 
@@ -119,7 +118,7 @@ def check_adamw_steps(tp, sp, variants, steps=3):
         model = TitansLM(tiny_config(variant))
         reference = copy.deepcopy(model)
         reference_optimizer = _optimizer(reference.parameters())
-        parallelize(model, _sharded(tp, sp), context)
+        plan = parallelize(model, _sharded(tp, sp), context)
         optimizer = _optimizer(model.parameters())
         loss_error = 0.0
         for step_index in range(steps):
@@ -129,7 +128,7 @@ def check_adamw_steps(tp, sp, variants, steps=3):
             expected_loss.backward()
 
             optimizer.zero_grad()
-            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], context)
+            step = parallel_loss(model, tokens.chunk(context.layout.dp)[context.data_rank], plan)
             step.objective.backward()
             step.relay.finish()
             average_gradients(model, context)
@@ -153,7 +152,8 @@ def check_call_length_not_divisible_by_tp_is_refused():
     """A sharded model's forward on a length that does not split over tp (e.g. decoding one
     token): the error names the option, not a megatron assertion."""
     context = ParallelContext.initialize(tp=2, sp=1)
-    model = parallelize(TitansLM(tiny_config("lmm")), _sharded(2, 1), context)
+    model = TitansLM(tiny_config("lmm"))
+    parallelize(model, _sharded(2, 1), context)
     try:
         model(global_batch(seed=1, samples=1)[:, :7])
     except ParallelConfigError as error:
@@ -169,7 +169,8 @@ def check_norm_outputs_saved_as_shards():
     from titans_train.parallel import tp_sequence_sharding as sharding
 
     context = ParallelContext.initialize(tp=2, sp=1)
-    model = parallelize(TitansLM(tiny_config("lmm")), _sharded(2, 1), context)
+    model = TitansLM(tiny_config("lmm"))
+    plan = parallelize(model, _sharded(2, 1), context)
     replaced = {}
     original_pack = sharding._pack
 
@@ -181,7 +182,7 @@ def check_norm_outputs_saved_as_shards():
 
     sharding._pack = pack
     try:
-        step = parallel_loss(model, global_batch(seed=1, samples=MICRO_BATCH), context)
+        step = parallel_loss(model, global_batch(seed=1, samples=MICRO_BATCH), plan)
     finally:
         sharding._pack = original_pack
     step.objective.backward()  # re-gathers them
@@ -253,8 +254,8 @@ def test_span_not_divisible_by_tp_is_refused_with_the_numbers_and_the_fix():
 
 def test_option_is_ignored_at_tp1():
     validate_tp_sequence_sharding(tp=1, sp=2, seq_len=18, enabled=True)
-    model = parallelize(TitansLM(tiny_config("lmm")), _sharded(1, 1), ParallelContext.initialize())
-    assert model.tp_sequence_sharding is False
+    plan = parallelize(TitansLM(tiny_config("lmm")), _sharded(1, 1), ParallelContext.initialize())
+    assert plan.sequence_sharding is False
 
 
 def test_config_validation_names_the_key_before_any_work():

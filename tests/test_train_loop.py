@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from distributed import run_distributed
+from step_actions import AtStep
 
 
 def _config(recipe: str, run_dir: Path, *overrides: str):
@@ -27,10 +28,37 @@ def tiny_run_rank(run_dir: str) -> dict:
         "tiny-mac-cpu", Path(run_dir), "train.steps=16", "train.warmup_steps=2", "train.global_batch_tokens=2048",
         "train.micro_batch_size=4", "train.eval_batches=2", "train.eval_interval=8", "checkpoint.interval=0",
         "logging.interval=4", "logging.telemetry_interval=8", "logging.wandb_mode=offline",
+        "checkpoint.interval=8",
     )
     result = train(config)
     return {"validation": result.validation, "losses": result.losses, "checkpoint": result.checkpoint,
-            "code": result.exit_code}
+            "code": result.exit_code, "expected": _expected_callback_values(config)}
+
+
+def _expected_callback_values(config) -> dict:
+    """What the logging callbacks must have logged, computed directly: FLOPs per token (for MFU)
+    and the telemetry of the step-8 weights (read from the step-8 checkpoint) on the first
+    validation micro-batch."""
+    import torch
+
+    from titans_train.config import batch_plan, model_config
+    from titans_train.model import TitansLM
+    from titans_train.model.flops import flops_per_token
+    from titans_train.parallel import ParallelContext
+    from titans_train.train.run_data import build_run_data
+
+    titans_config = model_config(config)
+    states = torch.load(Path(config.checkpoint.dir) / "step000000008" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    model = TitansLM(titans_config)
+    model.load_state_dict({name.removeprefix("model."): value for name, value in states.items()})
+    data = build_run_data(config, ParallelContext.initialize(), batch_plan(config, 1), log=lambda message: None)
+    tokens = next(data.validation_batches())
+    with torch.no_grad():
+        telemetry = model(tokens[:, :-1], return_telemetry=True).telemetry
+    return {"flops_per_token": float(flops_per_token(titans_config, config.train.seq_len)),
+            "telemetry step 8": {f"telemetry/layer{key.split('.')[1]}/{key.split('.')[-1]}": float(value)
+                                 for key, value in telemetry.items()}}
 
 
 @pytest.mark.slow
@@ -52,9 +80,53 @@ def test_tiny_default_run_loss_falls_and_logs_everything(tmp_path):
             assert f"telemetry/layer{layer}/{name}" in keys
     val_ppl = [r["val/ppl"] for r in records if "val/ppl" in r]
     assert val_ppl[0] == pytest.approx(math.exp(validation[0]))
+    # The callbacks' values, not only their keys: MFU from the logged throughput, the model's
+    # FLOPs per token and the recipe's peak; telemetry equal to a direct forward at those weights.
+    peak = 100.0e9  # tiny-mac-cpu's logging.peak_flops_per_device, one process
+    for record in (r for r in records if "throughput/mfu" in r):
+        expected_mfu = record["throughput/tokens_per_second"] * result["expected"]["flops_per_token"] / peak
+        assert record["throughput/mfu"] == pytest.approx(expected_mfu, rel=1e-12), record
+    logged = next(r for r in records if r.get("step") == 8 and "telemetry/layer0/theta" in r)
+    for key, value in result["expected"]["telemetry step 8"].items():
+        assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert (tmp_path / "config.yaml").is_file()
     assert Path(result["checkpoint"]).name == "step000000016"
     assert any((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run directory"
+
+
+def shards_run_rank(root: str) -> dict:
+    """A run on prepared shards (`data.source=shards`): the trainer streams those shards."""
+    import json as json_module
+
+    from titans_train.data import TokenLoader, load_tokenizer
+    from titans_train.data.prepare import prepare_dataset
+    from titans_train.train.trainer import train
+
+    root = Path(root)
+    corpus = Path(json_module.__file__).parent  # the standard library's json package: ~60 kB of text
+    for split, inputs in (("train", corpus), ("validation", corpus / "decoder.py")):
+        prepare_dataset(str(inputs), str(root / split), seq_len=64, num_workers=1, progress=False)
+    config = _config("debug", root / "run", "data.source=shards", f"data.train_dir={root / 'train'}",
+                     f"data.validation_dir={root / 'validation'}", "train.steps=4")
+    seen = {}
+
+    def record_stream(trainer) -> None:
+        seen["fingerprint"] = trainer.data.train_loader.stream.fingerprint
+
+    result = train(config, callbacks=[AtStep(4, record_stream)])
+    own = TokenLoader(str(root / "train"), seq_len=64, global_batch_size=4, micro_batch_size=2, dp_rank=0,
+                      dp_world_size=1, seed=config.train.seed, tokenizer=load_tokenizer("byte"))
+    return {"code": result.exit_code, "steps": sorted(result.losses), "validation": result.validation,
+            "seen": seen, "fingerprint": own.stream.fingerprint}
+
+
+@pytest.mark.slow
+def test_training_on_prepared_shards(tmp_path):
+    (result,) = run_distributed("test_train_loop:shards_run_rank", 1, 300, init_process_group=False,
+                                root=str(tmp_path))
+    assert result["code"] == 0 and result["steps"] == [1, 2, 3, 4]
+    assert result["seen"]["fingerprint"] == result["fingerprint"]  # the trainer read these shards
+    assert all(math.isfinite(loss) for loss in result["validation"].values()) and sorted(result["validation"]) == [0, 4]
 
 
 class SimulatedCrash(RuntimeError):
@@ -70,9 +142,7 @@ def crash_rank(run_dir: str) -> dict:
 
     config = _config("debug", Path(run_dir), "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2")
 
-    def crash_during_save_at_step_4(trainer: Trainer, step: int) -> None:
-        if step != 4:
-            return
+    def crash_during_next_save(trainer: Trainer) -> None:
         original = trainer.engine.save_checkpoint
 
         def save_then_die(*args, **kwargs):
@@ -83,7 +153,7 @@ def crash_rank(run_dir: str) -> dict:
 
     crashed = False
     try:
-        train(config, hooks=[crash_during_save_at_step_4])
+        train(config, callbacks=[AtStep(4, crash_during_next_save)])
     except SimulatedCrash:
         crashed = True
     checkpoints = Path(run_dir) / "checkpoints"
@@ -97,16 +167,15 @@ def crash_rank(run_dir: str) -> dict:
     fallback = train(_config("debug", Path(run_dir), "train.steps=8", "checkpoint.interval=2",
                              "checkpoint.keep_last=2"))
 
-    def poison_weights_after_step_2(trainer: Trainer, step: int) -> None:
-        if step == 2:
-            with torch.no_grad():
-                next(trainer.engine.module.parameters()).fill_(float("nan"))
+    def poison_weights(trainer: Trainer) -> None:
+        with torch.no_grad():
+            next(trainer.engine.module.parameters()).fill_(float("nan"))
 
     import torch
 
     diverging_dir = Path(run_dir) / "diverging"
     diverged = train(_config("debug", diverging_dir, "train.steps=6", "checkpoint.interval=2"),
-                     hooks=[poison_weights_after_step_2])
+                     callbacks=[AtStep(2, poison_weights)])
     return {"after_crash": after_crash, "resumed_from": resumed.resumed_from, "resumed_losses": resumed.losses,
             "damaged": newest.name, "fallback_from": fallback.resumed_from, "fallback_losses": fallback.losses,
             "diverged_code": diverged.exit_code, "diverged_steps": sorted(diverged.losses),

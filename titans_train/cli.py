@@ -2,14 +2,21 @@
 
 Each subcommand lives in its own module, imported only when used so `titans-train --help` stays
 fast. A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+
+A `titans_train.errors.UserError` raised anywhere below is caught here: one line on stderr
+(from rank 0 only, under a launcher), exit code 2. `TITANS_TRAIN_DEBUG=1` re-raises it with its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
+
+from titans_train.errors import EXIT_USER_ERROR, ConfigError, UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -45,4 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as error:
+        if os.environ.get("TITANS_TRAIN_DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            kind = "config error" if isinstance(error, ConfigError) else "error"
+            print(f"{kind}: {error}".replace("\n", " "), file=sys.stderr)
+        return EXIT_USER_ERROR

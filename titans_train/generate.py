@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from titans_train.errors import UserError
 from titans_train.train.checkpoint import LATEST, MANIFEST, CheckpointManager
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-    pass
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """No complete checkpoint where one was named."""
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -118,11 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, tokenizer, _, checkpoint = load_for_inference(args.checkpoint, args.device)
-    except CheckpointNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer, _, checkpoint = load_for_inference(args.checkpoint, args.device)
     print(f"[generate] {checkpoint}", file=sys.stderr)
     prompt_ids = tokenizer.encode(args.prompt)
     sys.stdout.write(args.prompt)

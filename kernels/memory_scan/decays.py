@@ -65,3 +65,12 @@ def chunk_decays(
     return ChunkDecays(
         weight_decay, momentum_carry, update_scores, decay_eta * theta_chunks, momentum_decay
     )
+
+
+def last_rows(x: torch.Tensor, seq_len: int, chunk_size: int) -> torch.Tensor:
+    """(B, H, nc, n, ...) -> (B, H, nc, ...): each chunk's row at its last real token, where the
+    chunk's state update is read (the last chunk may be short)."""
+    n_chunks = x.shape[2]
+    last = torch.full((n_chunks,), chunk_size - 1, device=x.device)
+    last[-1] = (seq_len - 1) % chunk_size
+    return x[:, :, torch.arange(n_chunks, device=x.device), last]

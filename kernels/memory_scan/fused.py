@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .activations import activation_second_derivative
-from .decays import chunk_decays
+from .decays import chunk_decays, last_rows
 
 
 class ChunkGates(NamedTuple):
@@ -317,14 +317,9 @@ def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrie
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
     decays = chunk_decays(theta, eta, alpha, chunk_size)
-    n_chunks = decays.weight_decay.shape[2]
-    # The state update reads each chunk's last row; the last chunk may be short.
-    last = torch.full((n_chunks,), chunk_size - 1, device=q.device)
-    last[-1] = (seq_len - 1) % chunk_size
-    chunks = torch.arange(n_chunks, device=q.device)
 
     def last_row(x):  # (B, H, nc, n, ...) -> (B, H, nc, ...)
-        return x[:, :, chunks, last]
+        return last_rows(x, seq_len, chunk_size)
 
     retrieval_decays = torch.stack((decays.weight_decay, decays.momentum_carry), dim=-1)
     state_decays = torch.stack(

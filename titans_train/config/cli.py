@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from titans_train.config import ConfigError, list_recipes, load_recipe, to_yaml
+from titans_train.config import list_recipes, load_recipe, to_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +24,6 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         print("\n".join(list_recipes()))
         return 0
-    try:
-        config = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+    config = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
     print(to_yaml(config), end="")
     return 0

@@ -1,20 +1,11 @@
-"""Typed configuration errors: a user error is not an assertion failure.
-
-Every error names the offending key (dotted path) so the message says what to change.
-"""
+"""The config errors, all `titans_train.errors.ConfigError`: each names the offending key."""
 
 from __future__ import annotations
 
 import difflib
 from typing import Iterable
 
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot run. `key` is the dotted path at fault."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
+from titans_train.errors import ConfigError
 
 
 class UnknownKeyError(ConfigError):

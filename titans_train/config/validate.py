@@ -78,14 +78,10 @@ def _positive(config: DictConfig, *keys: str) -> None:
 
 
 def validate_parallel(config: DictConfig) -> None:
-    """The layout checks of `titans_train.parallel.validation`, run before any process exists."""
+    """The layout checks of `titans_train.parallel.validation`, run before any process exists.
+    The world size is checked by `batch_plan` (the same `ParallelLayout` arithmetic)."""
     from titans_train.parallel.layout import ParallelConfigError
-    from titans_train.parallel.validation import (
-        validate_sequence_parallel,
-        validate_sp_schedule,
-        validate_tensor_parallel,
-        validate_tp_sequence_sharding,
-    )
+    from titans_train.parallel.validation import validate_parallel_layout
 
     parallel = config.parallel
     if parallel.tp < 1 or parallel.sp < 1:
@@ -93,16 +89,12 @@ def validate_parallel(config: DictConfig) -> None:
     if parallel.zero_stage not in (0, 1, 2, 3):
         raise InvalidValueError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {parallel.zero_stage}")
     check_choice("parallel.backend", parallel.backend, BACKENDS)
-    model = model_config(config)
     try:
-        validate_tensor_parallel(model, parallel.tp)
-        if parallel.sp > 1:
-            validate_sequence_parallel(model, parallel.sp, config.train.seq_len)
-        validate_tp_sequence_sharding(tp=parallel.tp, sp=parallel.sp, seq_len=config.train.seq_len,
-                                      enabled=parallel.tp_sequence_sharding)
-        validate_sp_schedule(model, parallel.sp_schedule, sp=parallel.sp, seq_len=config.train.seq_len,
-                             activation_checkpointing=parallel.activation_checkpointing,
-                             zero_stage=parallel.zero_stage)
+        validate_parallel_layout(
+            model_config(config), tp=parallel.tp, sp=parallel.sp, world_size=None,
+            seq_len=config.train.seq_len, tp_sequence_sharding=parallel.tp_sequence_sharding,
+            sp_schedule=parallel.sp_schedule, activation_checkpointing=parallel.activation_checkpointing,
+            zero_stage=parallel.zero_stage)
     except ParallelConfigError as error:
         raise InvalidValueError(error.key, error.reason) from error
 

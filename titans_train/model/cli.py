@@ -7,12 +7,11 @@ a second on a laptop.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 
 import torch
 
-from titans_train.config import ConfigError, load_recipe, model_config
+from titans_train.config import load_recipe, model_config
 
 
 def count_parameters(titans_config) -> dict[str, int]:
@@ -41,11 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_recipe(args.recipe, args.overrides, world_size=None)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+    config = load_recipe(args.recipe, args.overrides, world_size=None)
     titans_config = model_config(config)
     counts = count_parameters(titans_config)
     flops = training_flops_per_token(titans_config, config.train.seq_len)

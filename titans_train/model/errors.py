@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from titans_train.errors import ConfigError as _ConfigError
+from titans_train.errors import UserError
 
-class ConfigError(ValueError):
-    """A `TitansConfig` field has a value the model cannot be built with."""
+
+class ConfigError(_ConfigError):
+    """A `TitansConfig` field has a value the model cannot be built with (key `model.<field>`)."""
 
     def __init__(self, field: str, value: object, problem: str, fix: str):
         self.field = field
-        super().__init__(f"TitansConfig.{field}={value!r}: {problem}. Fix: {fix}.")
+        self.key = f"model.{field}"
+        self.reason = f"TitansConfig.{field}={value!r}: {problem}. Fix: {fix}."
+        UserError.__init__(self, self.reason)
 
 
-class InputIdsError(ValueError):
+class InputIdsError(UserError, ValueError):
     """Token ids of the wrong type, shape or range."""
 
 
-class StateMismatchError(ValueError):
+class StateMismatchError(UserError, ValueError):
     """A model or layer state that does not belong to this model, batch or position."""

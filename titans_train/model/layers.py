@@ -21,7 +21,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq_len, n_heads * head_dim)
 
 
-def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     # Half-precision inputs are normalised in fp32; fp32/fp64 stay as they are.
     compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
     return (compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_normalize(x, self.eps) * self.weight
+        return rms_normalize(x, self.eps) * self.weight
 
 
 class HeadRMSNorm(nn.Module):
@@ -50,7 +50,7 @@ class HeadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_normalize(x, self.eps) * self.weight
+        return rms_normalize(x, self.eps) * self.weight
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:

@@ -14,6 +14,14 @@ manifest, renames the directory to `<tag>`, points `latest` at it and deletes al
 `keep_last`. A directory without a valid manifest, or whose files do not match it, is damaged:
 resume reports it and falls back to the previous complete checkpoint. The directory must be on a
 file system every rank sees (the usual shared scratch of a cluster).
+
+Who writes what (`assign_checkpoint_writers` decides DeepSpeed's part):
+- DeepSpeed's model states (`mp_rank_XX_model_states.pt`): data-parallel rank 0 of each tp rank;
+  its ZeRO shards (`*_optim_states.pt`, ZeRO-3 parameter shards): every rank of the ZeRO
+  partition group. Under ZeRO-3 with sp > 1 that group is dp alone, so the sp ranks of a replica
+  would write the same file names with the same contents: only sp rank 0 writes them.
+- this module: every rank its `rank<NNNNN>_state.pt`; rank 0 the manifest, the rename, `latest`
+  and pruning.
 """
 
 from __future__ import annotations
@@ -40,6 +48,17 @@ PARTIAL_PREFIX = ".partial-"
 UNIVERSAL_DIR = "universal"
 FORMAT_VERSION = 1
 TAG_PATTERN = re.compile(r"^step(\d{9})$")
+
+
+def assign_checkpoint_writers(engine, context) -> None:
+    """Set which of DeepSpeed's files this rank writes (module docstring). Call once per engine."""
+    from titans_train.parallel.zero import zero_partitions_over_sp
+
+    replicated_over_sp = not zero_partitions_over_sp(engine.zero_optimization_stage(), context.sp_size)
+    if replicated_over_sp and context.sp_rank > 0:
+        # Same dp rank and tp rank as sp rank 0, so the same file names, and the same contents.
+        engine.save_zero_checkpoint = False
+        engine.save_non_zero_checkpoint = False
 
 
 def tag_for_step(step: int) -> str:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
-from titans_train.config import ConfigError, load_recipe
+from titans_train.config import load_recipe
 from titans_train.train.distributed import shutdown_distributed, world_size_from_environment
-
-EXIT_CONFIG_ERROR = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_recipe(args.recipe, args.overrides, world_size=world_size_from_environment())
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    config = load_recipe(args.recipe, args.overrides, world_size=world_size_from_environment())
     from titans_train.train.trainer import train
 
     result = train(config)

@@ -1,20 +1,15 @@
-"""Process-group setup and the parallel context the engine is given.
+"""Process-group setup and the collective decisions of the training loop.
 
 `init_distributed()` works the same as one plain process (it provides the rendezvous variables
 torchrun would) and as N processes under torchrun/SLURM: gloo on CPU, nccl on GPU unless the
-config names a backend. DeepSpeed's accelerator is chosen before deepspeed is imported.
-
-`DataParallelContext` is the trivial (tp = sp = 1) layout. A context object is what the engine
-consumes: `rank`, `data_rank` / `data_world_size` (which part of the global batch this rank
-loads), `tp_size`, `sp_size`, `gradient_group` and `mpu()` (DeepSpeed's model-parallel adapter,
-None for pure data parallelism). `titans_train.parallel.ParallelContext` has the same members.
+config names a backend. DeepSpeed's accelerator is chosen before deepspeed is imported. The
+groups of a layout come from `titans_train.parallel.ParallelContext`, for every layout.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 
@@ -67,60 +62,6 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class DataParallelContext:
-    """Every rank is a data-parallel replica (tp = sp = 1): no model-parallel groups needed.
-
-    Its members are the subset of `titans_train.parallel.ParallelContext` the trainer uses.
-    """
-
-    rank: int
-    world_size: int
-
-    tp_size: int = 1
-    sp_size: int = 1
-
-    @classmethod
-    def from_process_group(cls) -> DataParallelContext:
-        import torch.distributed as dist
-
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-    @property
-    def data_rank(self) -> int:
-        return self.rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self.world_size
-
-    @property
-    def gradient_group(self):
-        return None  # the default (world) group
-
-    def mpu(self, partition_over_sp: bool = True):
-        return None
-
-
-def build_parallel_context(parallel_config):
-    """The context for this run's layout; tp/sp > 1 come from `titans_train.parallel`."""
-    if parallel_config.tp == 1 and parallel_config.sp == 1:
-        return DataParallelContext.from_process_group()
-    from titans_train.parallel import ParallelContext
-
-    return ParallelContext.initialize(tp=parallel_config.tp, sp=parallel_config.sp)
-
-
-def all_reduce_mean(value: float, group=None) -> float:
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value], dtype=torch.float64, device=current_device())
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-        tensor /= dist.get_world_size(group)
-    return float(tensor.item())
 
 
 def all_reduce_max_flag(flag: bool) -> bool:

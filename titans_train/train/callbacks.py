@@ -1,0 +1,177 @@
+"""The side concerns of the training loop, each one small class (OLMo-core's habit).
+
+The loop (`Trainer._run`) only does lr -> optimizer step -> callbacks. Each callback sees the
+trainer and the step's `StepMetrics`; one that wants the run to end calls `trainer.request_stop`.
+They run in the order of `default_callbacks`, which matters:
+
+1. `DivergenceStop`: a non-finite loss stops the run without saving (exit 3), before anything
+   else can log, evaluate or checkpoint a diverged model;
+2. `SignalStop`: SIGTERM/SIGUSR1 set a flag; all ranks agree on it (an all-reduce) and stop
+   with a checkpoint (exit 75, for requeueing);
+3. `ProgressLog`: the progress line and `train/*` metrics (loss, lr, gradient norm, tokens/s,
+   MFU) every `logging.interval` steps, at the last step and when stopping;
+4. `TelemetryLog`: per-layer memory statistics every `logging.telemetry_interval` steps;
+5. `Evaluation`: validation loss at the start, every `train.eval_interval` steps, at the end;
+6. `Checkpointing`: every `checkpoint.interval` steps, on a stop that asks for it, at the end.
+
+Collective work (evaluation, telemetry, saving, the stop agreement) runs on every rank; only
+what is logged differs (rank 0 logs).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from titans_train.errors import EXIT_DIVERGED, EXIT_REQUEUE
+from titans_train.train.distributed import all_reduce_max_flag
+from titans_train.train.logging import ProgressMeter, progress_line
+
+if TYPE_CHECKING:
+    from titans_train.train.trainer import Trainer
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int  # optimizer steps done, this one included
+    loss: float  # global mean training loss of the step
+    lr: float  # the learning rate the step used
+    grad_norm: float | None  # pre-clipping global gradient norm
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    exit_code: int
+    save: bool  # checkpoint before exiting
+    reason: str
+
+
+class Callback:
+    """Every hook is optional. `on_train_end` runs only when all steps were taken."""
+
+    def setup(self, trainer: Trainer) -> None:
+        """Before the model and data are built."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        pass
+
+    def close(self) -> None:
+        """Always called last, also after an exception."""
+
+
+class DivergenceStop(Callback):
+    def on_step_end(self, trainer, metrics):
+        if not math.isfinite(metrics.loss):  # the same on every rank: the loss is a global mean
+            trainer.request_stop(StopRequest(
+                EXIT_DIVERGED, save=False,
+                reason=f"loss is {metrics.loss} at step {metrics.step}: stopping without saving; the last "
+                       "checkpoint predates the divergence (lower train.lr or model.theta_max)"))
+
+
+class SignalStop(Callback):
+    """Stop with a checkpoint on SIGTERM / SIGUSR1, agreed by every rank at the end of a step."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signal_number, frame) -> None:
+        self.signal_number = signal_number
+
+    def setup(self, trainer):  # early: a signal while building is honoured at the first step
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.stop is not None:
+            return
+        if all_reduce_max_flag(self.signal_number is not None):
+            received = f"signal {self.signal_number}" if self.signal_number is not None else "a signal on another rank"
+            trainer.request_stop(StopRequest(EXIT_REQUEUE, save=True,
+                                             reason=f"stop requested ({received}); saving at step {metrics.step}"))
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class ProgressLog(Callback):
+    def on_train_start(self, trainer):
+        batch = trainer.batch
+        self.meter = ProgressMeter(batch.total_steps, batch.tokens_per_step, trainer.flops_per_token,
+                                   trainer.config.logging.peak_flops_per_device * trainer.context.layout.world_size)
+        self.meter.start(trainer.step)
+
+    def on_step_end(self, trainer, metrics):
+        total = trainer.batch.total_steps
+        if metrics.step % trainer.config.logging.interval and metrics.step != total and trainer.stop is None:
+            return
+        speed = self.meter.measure(metrics.step)
+        trainer.logger.info(progress_line(metrics.step, total, trainer.tokens_seen, metrics.loss, metrics.lr,
+                                          metrics.grad_norm, speed))
+        values = {"train/loss": metrics.loss, "train/lr": metrics.lr, "train/tokens": trainer.tokens_seen, **speed}
+        if metrics.grad_norm is not None:
+            values["train/grad_norm"] = metrics.grad_norm
+        trainer.logger.metrics(metrics.step, values)
+
+
+class TelemetryLog(Callback):
+    def on_step_end(self, trainer, metrics):
+        every = trainer.config.logging.telemetry_interval
+        if every and metrics.step % every == 0 and trainer.titans_config.has_memory and _healthy(trainer):
+            trainer.logger.metrics(metrics.step, trainer.telemetry())
+
+
+class Evaluation(Callback):
+    def on_train_start(self, trainer):
+        if trainer.step == 0 or trainer.config.train.eval_interval == 0:
+            trainer.log_validation("resumed" if trainer.result.resumed_from else "start")
+
+    def on_step_end(self, trainer, metrics):
+        every = trainer.config.train.eval_interval
+        if (every and metrics.step % every == 0 and metrics.step != trainer.batch.total_steps
+                and _healthy(trainer)):
+            trainer.log_validation("periodic")
+
+    def on_train_end(self, trainer):
+        trainer.log_validation("end")
+
+
+class Checkpointing(Callback):
+    def on_train_start(self, trainer):
+        self.saved_at = trainer.step if trainer.result.resumed_from else None
+
+    def on_step_end(self, trainer, metrics):
+        every = trainer.config.checkpoint.interval
+        if trainer.stop is not None:
+            if trainer.stop.save:
+                self._save(trainer)
+        elif every and metrics.step % every == 0 and metrics.step != trainer.batch.total_steps:
+            self._save(trainer)
+
+    def on_train_end(self, trainer):
+        if trainer.config.checkpoint.save_final and self.saved_at != trainer.step:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        trainer.save()
+        self.saved_at = trainer.step
+
+
+def _healthy(trainer) -> bool:
+    """Not stopping for divergence: a diverged model is neither evaluated nor measured."""
+    return trainer.stop is None or trainer.stop.save
+
+
+def default_callbacks() -> list[Callback]:
+    return [DivergenceStop(), SignalStop(), ProgressLog(), TelemetryLog(), Evaluation(), Checkpointing()]
