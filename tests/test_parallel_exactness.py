@@ -279,12 +279,13 @@ def test_tp2_sp2_and_sp2_checkpointed_match_one_process_and_bf16_runs_for_every_
         layouts=[(2, 1, False), (1, 2, False), (1, 2, True)], bf16_layouts=[(2, 1), (1, 2)])[0]
     assert len(records) == 3 * len(VARIANTS)
     assert_records(records)
-    # bf16 has 8 mantissa bits (round-off 4e-3): the loss of these near-initial models agrees to
-    # ~2e-5 in practice; 4e-3 is one bf16 ulp of relative error.
+    # The fp32 loss of bf16 weights and activations, against fp32 throughout: measured 2.0e-6 to
+    # 2.1e-5 over these layouts and variants (deterministic inputs), so 1e-4 leaves 5x margin;
+    # one bf16 ulp (4e-3) would hide a 200x regression.
     assert len(bf16_records) == 2 * len(VARIANTS)
     for record in bf16_records:
         assert record["grads_finite"] and record["grads_bf16"], record
-        assert record["loss_error"] < 4e-3, record
+        assert record["loss_error"] < 1e-4, record
 
 
 @pytest.mark.slow

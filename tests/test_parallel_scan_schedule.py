@@ -146,8 +146,8 @@ def check_bf16_scan(sp):
 def test_scan_schedule_runs_in_bf16():
     records = run_distributed(check_bf16_scan, world_size=2, timeout_s=120, sp=2)[0]
     assert len(records) == len(SCAN_VARIANTS)
-    for record in records:  # measured ~1e-5; 4e-3 is one bf16 ulp (as the relay's bf16 test)
-        assert record["grads_finite"] and record["grads_bf16"] and record["loss_error"] < 4e-3, record
+    for record in records:  # measured 6.9e-6 to 1.3e-5 (as the relay's bf16 test: 5x margin)
+        assert record["grads_finite"] and record["grads_bf16"] and record["loss_error"] < 1e-4, record
 
 
 # -- the model seam, in one process -------------------------------------------------------------
