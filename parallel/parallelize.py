@@ -45,14 +45,6 @@ class ParallelPlan:
     activation_checkpointing: bool = False
     tensor_parallel: dict[str, str] = field(default_factory=lambda: dict(TP_PLAN))
 
-    @property
-    def tp_size(self) -> int:
-        return self.context.tp_size
-
-    @property
-    def sp_size(self) -> int:
-        return self.context.sp_size
-
 
 def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> ParallelPlan:
     """Shard `model` in place for the layout of `context` and return its plan.
