@@ -88,7 +88,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
              seed: int = 0, stop_id: int | None = None, on_token=None) -> list[int]:
     """Continue `prompt_ids`; the state (memory included) is carried from token to token."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one character")
+        raise UserError("--prompt is empty: give at least one character to continue")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model(torch.tensor([prompt_ids], device=device))  # (1, T): reads the prompt, memory updating

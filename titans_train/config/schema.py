@@ -72,6 +72,9 @@ class ParallelConfig:
     sp_schedule: str = "relay"
     # "auto": nccl when CUDA is available, gloo otherwise.
     backend: str = "auto"
+    # How long a collective may wait for the other ranks before the job fails (a hung or frozen
+    # rank): minutes, not torch's 30-minute default. Raise it for very long checkpoint writes.
+    timeout_s: int = 600
 
 
 @dataclass

@@ -77,6 +77,14 @@ def _positive(config: DictConfig, *keys: str) -> None:
             raise InvalidValueError(key, f"must be > 0, got {value}")
 
 
+def _not_negative(config: DictConfig, *keys: str) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if value < 0:
+            raise InvalidValueError(key, f"must be >= 0 (0 turns it off where it is an interval), got {value}")
+
+
 def validate_parallel(config: DictConfig) -> None:
     """The layout checks of `titans_train.parallel.validation`, run before any process exists.
     The world size is checked by `batch_plan` (the same `ParallelLayout` arithmetic)."""
@@ -129,8 +137,9 @@ def validate(config: DictConfig, world_size: int | None = 1) -> None:
         raise InvalidValueError("train.min_lr", f"must be in [0, train.lr={train.lr}], got {train.min_lr}")
     if not 0 < train.decay_fraction <= 1:
         raise InvalidValueError("train.decay_fraction", f"must be in (0, 1], got {train.decay_fraction}")
-    if train.warmup_steps < 0 or train.grad_clip < 0 or train.weight_decay < 0:
-        raise InvalidValueError("train.warmup_steps", "warmup_steps, grad_clip and weight_decay must be >= 0")
+    _not_negative(config, "train.warmup_steps", "train.grad_clip", "train.weight_decay", "train.eval_interval",
+                  "checkpoint.interval", "logging.telemetry_interval")
+    _positive(config, "train.eps", "parallel.timeout_s")
     if train.eval_batches < 1:
         raise InvalidValueError("train.eval_batches", f"must be >= 1, got {train.eval_batches}")
     if config.checkpoint.keep_last < 1:

@@ -32,9 +32,14 @@ def prepare_deepspeed_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(backend: str = "auto") -> None:
-    """Initialise torch.distributed through DeepSpeed, in one process or under a launcher."""
+def init_distributed(backend: str = "auto", timeout_s: float = 600) -> None:
+    """Initialise torch.distributed through DeepSpeed, in one process or under a launcher.
+    `timeout_s` bounds every collective's wait (`parallel.timeout_s`)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
+
+    from titans_train.errors import ConfigError
 
     if dist.is_initialized():
         return
@@ -49,8 +54,12 @@ def init_distributed(backend: str = "auto") -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     chosen = choose_backend(backend)
     if chosen == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.backend", "nccl needs CUDA GPUs and this process sees none; use "
+                                                  "parallel.backend=auto (gloo on CPU) or run on GPU nodes")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
 
 
 def world_size_from_environment() -> int:

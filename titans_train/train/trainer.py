@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, config: DictConfig, callbacks: Sequence[Callback] = ()):
         self.config = config
         self.batch = batch_plan(config, world_size_from_environment())
-        init_distributed(config.parallel.backend)
+        init_distributed(config.parallel.backend, config.parallel.timeout_s)
         from titans_train.parallel import ParallelContext
 
         self.context = ParallelContext.initialize(tp=config.parallel.tp, sp=config.parallel.sp)

@@ -1,0 +1,86 @@
+"""Foreseeable user errors reach the user as one line and exit code 2, not a traceback; a frozen
+rank fails the job after `parallel.timeout_s`, not after torch's 30 minutes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributed import run_distributed
+from titans_train.cli import main
+
+# (command line, what the one line must name)
+CASES = [
+    (["train", "debug", "train.eps=-1"], "train.eps: must be > 0"),
+    (["train", "debug", "train.grad_clip=-1"], "train.grad_clip: must be >= 0"),
+    (["train", "debug", "checkpoint.interval=-1"], "checkpoint.interval: must be >= 0"),
+    (["train", "debug", "parallel.timeout_s=0"], "parallel.timeout_s: must be > 0"),
+    (["train", "debug", "train.lr_schedule=wsd"], "did you mean train.schedule"),
+    (["train", "debug", "parallel.tp=4"], "parallel.tp"),
+    (["train", "no-such-recipe"], "no recipe or file named 'no-such-recipe'"),
+    (["config", "show", "debug", "model.n_heads=3"], "model.n_heads"),
+    (["model", "info", "debug", "model.dim=-4"], "model.dim"),
+    (["data", "prepare", "/nonexistent/corpus", "--output", "/tmp/titans-never-written", "--seq-len", "64"],
+     "/nonexistent/corpus"),
+    (["generate", "--checkpoint", "/nonexistent/run", "--prompt", "x"], "no complete checkpoint"),
+]
+
+
+@pytest.mark.parametrize("argv, named", CASES, ids=[" ".join(argv[:3]) for argv, _ in CASES])
+def test_user_error_is_one_line_and_exit_2(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert named in lines[0], lines[0]
+
+
+def test_generate_refuses_an_empty_prompt_and_no_new_tokens():
+    from titans_train.errors import UserError
+    from titans_train.generate import generate
+
+    with pytest.raises(UserError, match="--prompt is empty"):
+        generate(None, [], 10)
+    with pytest.raises(UserError, match="--max-new-tokens must be >= 1, got -5"):
+        generate(None, [1, 2], -5)
+
+
+def test_nccl_on_a_machine_without_gpus_is_a_config_error(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment.pop("TITANS_TRAIN_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "titans_train", "train", "debug", "parallel.backend=nccl",
+                           f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith(("config error:", "error:"))]
+    assert errors == [errors[0]] and "parallel.backend" in errors[0] and "Traceback" not in done.stderr
+
+
+def frozen_peer_rank(group_timeout_s: float, frozen_s: float) -> tuple[str, float]:
+    """Rank 1 stops answering for `frozen_s`; rank 0's collective must give up after about
+    `group_timeout_s` (the process group's timeout, `parallel.timeout_s`)."""
+    import torch.distributed as dist
+
+    from titans_train.train.distributed import init_distributed
+
+    init_distributed("gloo", group_timeout_s)
+    if dist.get_rank() == 1:
+        time.sleep(frozen_s)
+        return "frozen", frozen_s
+    start = time.perf_counter()
+    try:
+        dist.barrier()
+    except Exception:  # gloo reports the timeout as a RuntimeError subclass
+        return "timed out", time.perf_counter() - start
+    return "completed", time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_fails_the_job_after_parallel_timeout_s():
+    results = run_distributed(frozen_peer_rank, 2, 240, init_process_group=False, group_timeout_s=5.0,
+                              frozen_s=20.0)
+    outcome, waited = results[0]
+    assert outcome == "timed out" and waited < 15.0, results  # not the 20 s the peer was gone
