@@ -84,3 +84,37 @@ def test_a_frozen_rank_fails_the_job_after_parallel_timeout_s():
                               frozen_s=20.0)
     outcome, waited = results[0]
     assert outcome == "timed out" and waited < 15.0, results  # not the 20 s the peer was gone
+
+
+def hold_run_dir_lock(run_dir: str, holding) -> None:
+    from titans_train.train.run_lock import RunLock
+
+    lock = RunLock(run_dir)  # held while this object lives
+    lock.acquire()
+    holding.set()
+    time.sleep(120)
+
+
+def test_a_second_trainer_on_a_locked_run_dir_is_refused_and_a_dead_holder_is_stale(tmp_path, capsys):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    holding = context.Event()
+    holder = context.Process(target=hold_run_dir_lock, args=(str(tmp_path), holding))
+    holder.start()
+    try:
+        assert holding.wait(60)
+        assert main(["train", "debug", f"run_dir={tmp_path}", f"data.cache_dir={tmp_path / 'corpus'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"run dir {tmp_path} is in use by a running job" in err and f'"pid": {holder.pid}' in err, err
+        assert not (tmp_path / "config.yaml").exists()  # the refused trainer wrote nothing
+    finally:
+        holder.kill()  # dies holding the lock, as a job killed by SLURM or the OOM killer
+        holder.join(60)
+    # Its lock file stays behind, stale: the next trainer takes it over.
+    from titans_train.train.run_lock import RunLock
+
+    assert (tmp_path / ".lock").is_file()
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()

@@ -29,10 +29,17 @@ from titans_train.config.errors import InvalidValueError
 from titans_train.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (the contract, re-exported)
 from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks
 from titans_train.train.checkpoint import CheckpointInfo, CheckpointManager, assign_checkpoint_writers
-from titans_train.train.distributed import barrier, current_device, init_distributed, world_size_from_environment
+from titans_train.train.distributed import (
+    all_reduce_max_flag,
+    barrier,
+    current_device,
+    init_distributed,
+    world_size_from_environment,
+)
 from titans_train.train.engine import build_engine
 from titans_train.train.logging import RunLogger
 from titans_train.train.run_data import RunData, build_run_data
+from titans_train.train.run_lock import RunDirectoryLocked, RunLock
 
 
 @dataclass
@@ -86,6 +93,15 @@ class Trainer:
         from titans_train.parallel import ParallelContext
 
         self.context = ParallelContext.initialize(tp=config.parallel.tp, sp=config.parallel.sp)
+        self.run_lock = RunLock(config.run_dir)
+        refusal = None
+        if self.context.rank == 0:
+            try:
+                self.run_lock.acquire()
+            except RunDirectoryLocked as error:
+                refusal = error
+        if all_reduce_max_flag(refusal is not None):  # every rank stops, not only rank 0
+            raise refusal or RunDirectoryLocked(f"run dir {config.run_dir} is in use by a running job")
         self.device = current_device()
         self.resolved = to_container(config)
         self.logger = RunLogger(config, enabled=self.context.rank == 0, resolved_config=self.resolved)
@@ -228,6 +244,7 @@ class Trainer:
             for callback in self.callbacks:
                 callback.close()
             self.logger.close()
+            self.run_lock.release()
 
     def _describe(self) -> str:
         config, batch = self.config, self.batch
