@@ -272,7 +272,7 @@ BAD_INPUTS = {
     "chunk_size bool": (_replace("chunk_size", True), "chunk_size must be an integer >= 1"),
     "retrieve": (_replace("retrieve", "layer"), "retrieve must be one of"),
     "activation": (_replace("activation", "relu"), "activation must be one of"),
-    "implementation": (_replace("implementation", "triton"), "implementation must be one of"),
+    "implementation": (_replace("implementation", "cuda"), "implementation must be .auto. or one of"),
     "q rank": (_replace("q", lambda a: a["q"][0]), r"q must have shape \(B, H, T, d\)"),
     "k shape": (_replace("k", lambda a: a["k"][:, :, :3]), "k must have the shape of q"),
     "theta shape": (_replace("theta", lambda a: a["theta"][..., None]), r"theta must have shape \(B, H, T\)"),

@@ -62,6 +62,17 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _cast_for_store(x, dtype: tl.constexpr):
+    """fp32 -> dtype; bf16 rounds to nearest even by bit arithmetic, because the interpreter's
+    conversion truncates (GPUs round to nearest: the same bits). NaN stays NaN, overflow gives inf."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _load_matrix(p, ROWS: tl.constexpr, COLS: tl.constexpr, B_R: tl.constexpr, B_C: tl.constexpr):
     """A row-major (ROWS, COLS) fp32 block, zero outside."""
     o_r = tl.arange(0, B_R)
@@ -75,7 +86,7 @@ def _store_matrix(p, x, ROWS: tl.constexpr, COLS: tl.constexpr, B_R: tl.constexp
     o_r = tl.arange(0, B_R)
     o_c = tl.arange(0, B_C)
     m = (o_r[:, None] < ROWS) & (o_c[None, :] < COLS)
-    tl.store(p + o_r[:, None] * COLS + o_c[None, :], x.to(p.dtype.element_ty), mask=m)
+    tl.store(p + o_r[:, None] * COLS + o_c[None, :], _cast_for_store(x, p.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -92,7 +103,7 @@ def _store_tokens(p, x, m_n, D: tl.constexpr, B_N: tl.constexpr, B_D: tl.constex
     o_n = tl.arange(0, B_N)
     o_d = tl.arange(0, B_D)
     m = m_n[:, None] & (o_d[None, :] < D)
-    tl.store(p + o_n[:, None] * D + o_d[None, :], x.to(p.dtype.element_ty), mask=m)
+    tl.store(p + o_n[:, None] * D + o_d[None, :], _cast_for_store(x, p.dtype.element_ty), mask=m)
 
 
 @triton.jit
