@@ -117,8 +117,8 @@ def memory_scan(
     Returns y (B, H, T, d) and the state after the last token (weights, momentum). The last chunk
     may be short and updates like any other.
 
-    Half-precision inputs are computed in fp32 (fp64 if any input is fp64); y comes back in q's
-    dtype and each state tensor in its input's dtype. `implementation`: "auto" (default: "triton"
+    Half-precision inputs are computed in fp32 (fp64 if any input is fp64), also under autocast;
+    y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto" (default: "triton"
     for CUDA inputs, "fused" otherwise), "fused" (a hand-written backward, first-order gradients),
     "autograd" (the same closed form through autograd: slower, but differentiable to any order) or
     "triton" (kernels/memory_scan/triton: depth 1 or 2, first-order; q, k, v are read in their
@@ -135,12 +135,15 @@ def memory_scan(
         kernel, sequences = _triton_scan(), (q, k, v)
     else:
         kernel, sequences = IMPLEMENTATIONS[implementation], tuple(x.to(compute_dtype) for x in (q, k, v))
-    y, weights_out, momentum_out = kernel(
-        *sequences, *(x.to(compute_dtype) for x in (theta, eta, alpha)),
-        [w.to(compute_dtype) for w in weights],
-        [s.to(compute_dtype) for s in momentum],
-        chunk_size, retrieve, activation, residual,
-    )
+    # The memory state recurs over the whole sequence: under autocast its products stay in the
+    # compute dtype (autocast would run them in bf16 and round the state at every chunk).
+    with torch.autocast(q.device.type, enabled=False):
+        y, weights_out, momentum_out = kernel(
+            *sequences, *(x.to(compute_dtype) for x in (theta, eta, alpha)),
+            [w.to(compute_dtype) for w in weights],
+            [s.to(compute_dtype) for s in momentum],
+            chunk_size, retrieve, activation, residual,
+        )
     return y.to(q.dtype), (
         tuple(w.to(ref.dtype) for w, ref in zip(weights_out, weights)),
         tuple(s.to(ref.dtype) for s, ref in zip(momentum_out, momentum)),
