@@ -94,6 +94,21 @@ def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, ret
         _check_triton_inputs(tensors, len(weights))
 
 
+@torch.compiler.disable
+def _run_kernel(kernel, sequences, gates, weights, momentum, compute_dtype, options):
+    """One kernel call, outside torch.compile and autocast.
+
+    torch.compile would unroll the chunk loop of the fused kernel (minutes of compile time) and
+    cannot see into the Triton kernels; the memory state recurs over the whole sequence, so its
+    products stay in the compute dtype (autocast would round the state to bf16 at every chunk).
+    """
+    with torch.autocast(sequences[0].device.type, enabled=False):
+        return kernel(
+            *sequences, *(x.to(compute_dtype) for x in gates),
+            [w.to(compute_dtype) for w in weights], [s.to(compute_dtype) for s in momentum], *options,
+        )
+
+
 def memory_scan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,8 +133,9 @@ def memory_scan(
     may be short and updates like any other.
 
     Half-precision inputs are computed in fp32 (fp64 if any input is fp64), also under autocast;
-    y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto" (default: "triton"
-    for CUDA inputs, "fused" otherwise), "fused" (a hand-written backward, first-order gradients),
+    y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto"
+    (default: "triton" for CUDA inputs, "fused" otherwise), "fused" (a hand-written backward,
+    first-order gradients),
     "autograd" (the same closed form through autograd: slower, but differentiable to any order) or
     "triton" (kernels/memory_scan/triton: depth 1 or 2, first-order; q, k, v are read in their
     own dtype, everything is computed in fp32; on CPU only under TRITON_INTERPRET=1).
@@ -135,15 +151,10 @@ def memory_scan(
         kernel, sequences = _triton_scan(), (q, k, v)
     else:
         kernel, sequences = IMPLEMENTATIONS[implementation], tuple(x.to(compute_dtype) for x in (q, k, v))
-    # The memory state recurs over the whole sequence: under autocast its products stay in the
-    # compute dtype (autocast would run them in bf16 and round the state at every chunk).
-    with torch.autocast(q.device.type, enabled=False):
-        y, weights_out, momentum_out = kernel(
-            *sequences, *(x.to(compute_dtype) for x in (theta, eta, alpha)),
-            [w.to(compute_dtype) for w in weights],
-            [s.to(compute_dtype) for s in momentum],
-            chunk_size, retrieve, activation, residual,
-        )
+    y, weights_out, momentum_out = _run_kernel(
+        kernel, sequences, (theta, eta, alpha), weights, momentum, compute_dtype,
+        (chunk_size, retrieve, activation, residual),
+    )
     return y.to(q.dtype), (
         tuple(w.to(ref.dtype) for w, ref in zip(weights_out, weights)),
         tuple(s.to(ref.dtype) for s, ref in zip(momentum_out, momentum)),
