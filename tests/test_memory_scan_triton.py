@@ -14,6 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from test_memory_scan import make_inputs, relative_error, run_with_grads  # noqa: E402
 from titans_train.kernels import memory_scan  # noqa: E402
@@ -31,6 +32,7 @@ CASES = [
     (64, 64, 150, 1, "token", False, "gelu"),
     (128, 256, 300, 1, "token", True, "silu"),
     (64, 32, 20, 2, "chunk", True, "gelu"),
+    (128, 16, 40, 2, "token", False, "gelu"),
 ]
 
 
@@ -105,3 +107,14 @@ def test_unsupported_triton_inputs_raise_a_clear_error(problem, monkeypatch):
     expected = {"depth3": "memory depth", "fp64": "fp32, bf16 or fp16", "cpu-without-interpreter": "CUDA tensors"}
     with pytest.raises(ValueError, match=expected[problem]):
         memory_scan(*tensors, weights, momentum, chunk_size=4, implementation="triton")
+
+
+def test_inference_saves_nothing_and_gives_the_same_result():
+    """Without a backward to come the forward skips the saved states; y and the state are unchanged."""
+    tensors, weights, momentum = make_inputs(37, 2, torch.float32, 5, batch=1, heads=2, dim=16)
+    weights, momentum = (tuple(x.float().requires_grad_() for x in group) for group in (weights, momentum))
+    training = memory_scan(*tensors, weights, momentum, chunk_size=16, implementation="triton")
+    with torch.no_grad():
+        inference = memory_scan(*tensors, weights, momentum, chunk_size=16, implementation="triton")
+    for got, want in zip(tree_leaves(inference), tree_leaves(training)):
+        assert torch.equal(got, want.detach())

@@ -123,6 +123,31 @@ def _store_pair(p, first, second, m_n, B_N: tl.constexpr):
 
 
 @triton.jit
+def _load_state(w1_ptr, s1_ptr, w2_ptr, s2_ptr, index, D: tl.constexpr, O1: tl.constexpr, H2: tl.constexpr,
+                B_D: tl.constexpr, B_O1: tl.constexpr, B_H2: tl.constexpr, DEPTH: tl.constexpr):
+    """Layer 1 (O1, D) and layer 2 (D, H2) weights and momentum at `index` (zeros for layer 2 at depth 1)."""
+    W1 = _load_matrix(w1_ptr + index * O1 * D, O1, D, B_O1, B_D)
+    S1 = _load_matrix(s1_ptr + index * O1 * D, O1, D, B_O1, B_D)
+    if DEPTH == 2:
+        W2 = _load_matrix(w2_ptr + index * D * H2, D, H2, B_D, B_H2)
+        S2 = _load_matrix(s2_ptr + index * D * H2, D, H2, B_D, B_H2)
+    else:
+        W2 = tl.zeros([B_D, B_H2], dtype=tl.float32)
+        S2 = tl.zeros([B_D, B_H2], dtype=tl.float32)
+    return W1, S1, W2, S2
+
+
+@triton.jit
+def _store_state(w1_ptr, s1_ptr, w2_ptr, s2_ptr, index, W1, S1, W2, S2, D: tl.constexpr, O1: tl.constexpr,
+                 H2: tl.constexpr, B_D: tl.constexpr, B_O1: tl.constexpr, B_H2: tl.constexpr, DEPTH: tl.constexpr):
+    _store_matrix(w1_ptr + index * O1 * D, W1, O1, D, B_O1, B_D)
+    _store_matrix(s1_ptr + index * O1 * D, S1, O1, D, B_O1, B_D)
+    if DEPTH == 2:
+        _store_matrix(w2_ptr + index * D * H2, W2, D, H2, B_D, B_H2)
+        _store_matrix(s2_ptr + index * D * H2, S2, D, H2, B_D, B_H2)
+
+
+@triton.jit
 def _chunk_rows(c, T, CHUNK: tl.constexpr, B_N: tl.constexpr):
     o_n = tl.arange(0, B_N)
     return (o_n < CHUNK) & (c * CHUNK + o_n < T)
@@ -178,22 +203,11 @@ def memory_scan_forward_kernel(
 ):
     """Grid (G,). Gates (G, NC, CHUNK[, CHUNK | 2 | 3]); states (G, d_out, d_in); saved (G, NC, d_out, d_in)."""
     i_g = tl.program_id(0).to(tl.int64)
-    W1 = _load_matrix(w1_ptr + i_g * O1 * D, O1, D, B_O1, B_D)
-    S1 = _load_matrix(s1_ptr + i_g * O1 * D, O1, D, B_O1, B_D)
-    if DEPTH == 2:
-        W2 = _load_matrix(w2_ptr + i_g * D * H2, D, H2, B_D, B_H2)
-        S2 = _load_matrix(s2_ptr + i_g * D * H2, D, H2, B_D, B_H2)
-    else:
-        W2 = tl.zeros([B_D, B_H2], dtype=tl.float32)
-        S2 = tl.zeros([B_D, B_H2], dtype=tl.float32)
+    W1, S1, W2, S2 = _load_state(w1_ptr, s1_ptr, w2_ptr, s2_ptr, i_g, D, O1, H2, B_D, B_O1, B_H2, DEPTH)
     for c in range(NC):
         i_c = i_g * NC + c
         if SAVE:
-            _store_matrix(w1_saved + i_c * O1 * D, W1, O1, D, B_O1, B_D)
-            _store_matrix(s1_saved + i_c * O1 * D, S1, O1, D, B_O1, B_D)
-            if DEPTH == 2:
-                _store_matrix(w2_saved + i_c * D * H2, W2, D, H2, B_D, B_H2)
-                _store_matrix(s2_saved + i_c * D * H2, S2, D, H2, B_D, B_H2)
+            _store_state(w1_saved, s1_saved, w2_saved, s2_saved, i_c, W1, S1, W2, S2, D, O1, H2, B_D, B_O1, B_H2, DEPTH)
         m_n = _chunk_rows(c, T, CHUNK, B_N)
         p_tok = i_g * T * D + c * CHUNK * D
         q = _load_tokens(q_ptr + p_tok, m_n, D, B_N, B_D)
@@ -231,11 +245,7 @@ def memory_scan_forward_kernel(
             W2_next = keep_w * W2 + carry_s * S2 - _dot(err2_t, cw[:, None] * a1, PREC)
             S2 = keep_s * S2 - _dot(err2_t, cm[:, None] * a1, PREC)
             W2 = W2_next
-    _store_matrix(w1_out + i_g * O1 * D, W1, O1, D, B_O1, B_D)
-    _store_matrix(s1_out + i_g * O1 * D, S1, O1, D, B_O1, B_D)
-    if DEPTH == 2:
-        _store_matrix(w2_out + i_g * D * H2, W2, D, H2, B_D, B_H2)
-        _store_matrix(s2_out + i_g * D * H2, S2, D, H2, B_D, B_H2)
+    _store_state(w1_out, s1_out, w2_out, s2_out, i_g, W1, S1, W2, S2, D, O1, H2, B_D, B_O1, B_H2, DEPTH)
 
 
 @triton.jit
@@ -273,27 +283,13 @@ def memory_scan_backward_kernel(
 ):
     """Grid (G,). g{w,s}{1,2}: gradients of the final state; d{w,s}{1,2}: those of the initial state (out)."""
     i_g = tl.program_id(0).to(tl.int64)
-    dW1 = _load_matrix(gw1_ptr + i_g * O1 * D, O1, D, B_O1, B_D)
-    dS1 = _load_matrix(gs1_ptr + i_g * O1 * D, O1, D, B_O1, B_D)
-    if DEPTH == 2:
-        dW2 = _load_matrix(gw2_ptr + i_g * D * H2, D, H2, B_D, B_H2)
-        dS2 = _load_matrix(gs2_ptr + i_g * D * H2, D, H2, B_D, B_H2)
-    else:
-        dW2 = tl.zeros([B_D, B_H2], dtype=tl.float32)
-        dS2 = tl.zeros([B_D, B_H2], dtype=tl.float32)
+    dW1, dS1, dW2, dS2 = _load_state(gw1_ptr, gs1_ptr, gw2_ptr, gs2_ptr, i_g, D, O1, H2, B_D, B_O1, B_H2, DEPTH)
     for step in range(NC):
         c = NC - 1 - step
         i_c = i_g * NC + c
         m_n = _chunk_rows(c, T, CHUNK, B_N)
         p_tok = i_g * T * D + c * CHUNK * D
-        W1 = _load_matrix(w1_saved + i_c * O1 * D, O1, D, B_O1, B_D)
-        S1 = _load_matrix(s1_saved + i_c * O1 * D, O1, D, B_O1, B_D)
-        if DEPTH == 2:
-            W2 = _load_matrix(w2_saved + i_c * D * H2, D, H2, B_D, B_H2)
-            S2 = _load_matrix(s2_saved + i_c * D * H2, D, H2, B_D, B_H2)
-        else:
-            W2 = W1
-            S2 = S1
+        W1, S1, W2, S2 = _load_state(w1_saved, s1_saved, w2_saved, s2_saved, i_c, D, O1, H2, B_D, B_O1, B_H2, DEPTH)
         q = _load_tokens(q_ptr + p_tok, m_n, D, B_N, B_D)
         k = _load_tokens(k_ptr + p_tok, m_n, D, B_N, B_D)
         v = _load_tokens(v_ptr + p_tok, m_n, D, B_N, B_D)
@@ -402,8 +398,4 @@ def memory_scan_backward_kernel(
         if DEPTH == 2:
             dW2 = dW2_start
             dS2 = dS2_start
-    _store_matrix(dw1_ptr + i_g * O1 * D, dW1, O1, D, B_O1, B_D)
-    _store_matrix(ds1_ptr + i_g * O1 * D, dS1, O1, D, B_O1, B_D)
-    if DEPTH == 2:
-        _store_matrix(dw2_ptr + i_g * D * H2, dW2, D, H2, B_D, B_H2)
-        _store_matrix(ds2_ptr + i_g * D * H2, dS2, D, H2, B_D, B_H2)
+    _store_state(dw1_ptr, ds1_ptr, dw2_ptr, ds2_ptr, i_g, dW1, dS1, dW2, dS2, D, O1, H2, B_D, B_O1, B_H2, DEPTH)

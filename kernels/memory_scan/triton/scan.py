@@ -42,16 +42,17 @@ class TritonChunkedScan(torch.autograd.Function):
     """q, k, v (G, T, d); gates (G, nc, ...) fp32 (`stacked_gates`); states W1, S1[, W2, S2] (G, d_out, d_in) fp32."""
 
     @staticmethod
-    def forward(ctx, options, chunk_size, q, k, v, rdec, scores, sdec, srows, *states):
+    def forward(ctx, options, chunk_size, keep, q, k, v, rdec, scores, sdec, srows, *states):
         groups, constants = _shape_constants(q, states, chunk_size, options)
         y = torch.empty_like(q)
         states_out = [torch.empty_like(s) for s in states]
-        # The chunk-start state of every chunk, read by the backward (G, nc, d_out, d_in).
-        saved = [s.new_empty(groups, constants["NC"], *s.shape[1:]) for s in states]
+        # The chunk-start state of every chunk, read by the backward (G, nc, d_out, d_in); without
+        # a backward to come (inference, decoding) nothing is saved and `states` stand in, unwritten.
+        saved = [s.new_empty(groups, constants["NC"], *s.shape[1:]) for s in states] if keep else states
         memory_scan_forward_kernel[(groups,)](
             q, k, v, y, rdec, scores, sdec, srows,
             *_layer_pointers(states), *_layer_pointers(states_out), *_layer_pointers(saved),
-            SAVE=True, **constants,
+            SAVE=keep, **constants,
         )
         ctx.options, ctx.chunk_size = options, chunk_size
         ctx.save_for_backward(q, k, v, rdec, scores, sdec, srows, *saved)
@@ -73,7 +74,7 @@ class TritonChunkedScan(torch.autograd.Function):
             *_layer_pointers(saved), *_layer_pointers(grad_states), *_layer_pointers(grad_initial),
             **constants,
         )
-        return (None, None, grad_q, grad_k, grad_v, *grad_gates, *grad_initial)
+        return (None, None, None, grad_q, grad_k, grad_v, *grad_gates, *grad_initial)
 
 
 def triton_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
@@ -88,8 +89,10 @@ def triton_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retri
     for w, s in zip(weights, momentum):
         states += [w.flatten(0, 1).contiguous(), s.flatten(0, 1).contiguous()]
     options = (activation, residual, retrieve == "token")
+    tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     y, *states_out = TritonChunkedScan.apply(
-        options, chunk_size, *(x.reshape(groups, seq_len, dim).contiguous() for x in (q, k, v)),
+        options, chunk_size, keep, *(x.reshape(groups, seq_len, dim).contiguous() for x in (q, k, v)),
         *(x.flatten(0, 1).contiguous() for x in gates), *states,
     )
     weights_out = [w.unflatten(0, (batch, heads)) for w in states_out[0::2]]
