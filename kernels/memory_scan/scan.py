@@ -12,7 +12,7 @@ from .mlp import ACTIVATIONS
 
 RETRIEVE_MODES = ("token", "chunk")
 IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan, "triton": None}  # triton: imported on use
-AUTO = "auto"  # triton on CUDA, fused elsewhere
+AUTO = "auto"  # triton on CUDA (where it supports the inputs), fused elsewhere
 TRITON_DEPTHS = (1, 2)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -26,9 +26,11 @@ def _triton_scan():
     return triton_scan
 
 
-def _resolve_implementation(implementation, q):
+def _resolve_implementation(implementation, tensors, depth):
+    """`auto`: triton for CUDA inputs it supports (depth 1-2, fp32/bf16/fp16), fused otherwise."""
     if implementation == AUTO:
-        return "triton" if q.is_cuda else "fused"
+        supported = depth in TRITON_DEPTHS and all(x.dtype in TRITON_DTYPES for x in tensors)
+        return "triton" if tensors[0].is_cuda and supported else "fused"
     return implementation
 
 
@@ -90,7 +92,7 @@ def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, ret
         raise ValueError("memory_scan needs floating-point inputs (fp32, fp64, bf16 or fp16)")
     if len({x.device for x in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
-    if _resolve_implementation(implementation, q) == "triton":
+    if _resolve_implementation(implementation, tensors, len(weights)) == "triton":
         _check_triton_inputs(tensors, len(weights))
 
 
@@ -134,7 +136,7 @@ def memory_scan(
 
     Half-precision inputs are computed in fp32 (fp64 if any input is fp64), also under autocast;
     y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto"
-    (default: "triton" for CUDA inputs, "fused" otherwise), "fused" (a hand-written backward,
+    (default: "triton" for CUDA inputs of depth 1-2 in fp32/bf16/fp16, "fused" otherwise), "fused" (a hand-written backward,
     first-order gradients),
     "autograd" (the same closed form through autograd: slower, but differentiable to any order) or
     "triton" (kernels/memory_scan/triton: depth 1 or 2, first-order; q, k, v are read in their
@@ -146,7 +148,7 @@ def memory_scan(
         return q.clone(), (weights, momentum)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
     compute_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-    implementation = _resolve_implementation(implementation, q)
+    implementation = _resolve_implementation(implementation, tensors, len(weights))
     if implementation == "triton":  # converts q, k, v in the kernel, as it loads them
         kernel, sequences = _triton_scan(), (q, k, v)
     else:
