@@ -118,3 +118,43 @@ def test_inference_saves_nothing_and_gives_the_same_result():
         inference = memory_scan(*tensors, weights, momentum, chunk_size=16, implementation="triton")
     for got, want in zip(tree_leaves(inference), tree_leaves(training)):
         assert torch.equal(got, want.detach())
+
+
+def test_kernels_read_no_unwritten_memory(monkeypatch):
+    """Every buffer the launchers allocate uninitialised starts as NaN: a kernel reading a row it did
+    not write (a ragged chunk's padding, a saved state) would put NaN into the results."""
+    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *shape, **kw: new_empty(self, *shape, **kw).fill_(float("nan")))
+    compare_with_reference(CASES[4], seed=7, sequence_dtype=torch.float32, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_model_with_triton_memory_equals_the_reference(variant, monkeypatch):
+    """TitansLM with every memory_scan call on the Triton kernels: the fused reference's logits and gradients."""
+    from test_model import tiny_model, token_ids
+
+    scan_module = importlib.import_module("titans_train.kernels.memory_scan.scan")
+    resolve = scan_module._resolve_implementation
+    model = tiny_model(variant).float()
+    ids = token_ids()
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    expected = logits_and_grads()
+    calls = []
+
+    def triton_everywhere(implementation, tensors, depth):
+        calls.append(resolve(implementation, tensors, depth))
+        return "triton"
+
+    monkeypatch.setattr(scan_module, "_resolve_implementation", triton_everywhere)
+    actual = logits_and_grads()
+    assert calls and set(calls) == {"fused"}  # what auto would have picked on CPU
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) <= 1e-4
