@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 from titans_train.kernels import memory_scan, memory_scan_sequential
 
@@ -272,7 +273,7 @@ BAD_INPUTS = {
     "chunk_size bool": (_replace("chunk_size", True), "chunk_size must be an integer >= 1"),
     "retrieve": (_replace("retrieve", "layer"), "retrieve must be one of"),
     "activation": (_replace("activation", "relu"), "activation must be one of"),
-    "implementation": (_replace("implementation", "triton"), "implementation must be one of"),
+    "implementation": (_replace("implementation", "cuda"), "implementation must be .auto. or one of"),
     "q rank": (_replace("q", lambda a: a["q"][0]), r"q must have shape \(B, H, T, d\)"),
     "k shape": (_replace("k", lambda a: a["k"][:, :, :3]), "k must have the shape of q"),
     "theta shape": (_replace("theta", lambda a: a["theta"][..., None]), r"theta must have shape \(B, H, T\)"),
@@ -363,3 +364,15 @@ def test_checkpointed_fused_scan_gives_the_same_gradients():
     recomputed = run_with_grads(checkpointed, tensors, weights, momentum, upstream_seed=3, **options)
     for name, value in plain.items():
         assert torch.equal(recomputed[name], value), name
+
+
+def test_autocast_keeps_the_state_recurrence_in_fp32():
+    """Under bf16 autocast the scan computes as without it: bf16 rounding happens only at its inputs."""
+    tensors, weights, momentum = make_inputs(33, 2, torch.float32, 0)
+    tensors = tuple(x.bfloat16() for x in tensors)
+    weights, momentum = (tuple(x.float() for x in group) for group in (weights, momentum))
+    plain = memory_scan(*tensors, weights, momentum, chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = memory_scan(*tensors, weights, momentum, chunk_size=5)
+    for got, want in zip(tree_leaves(autocast), tree_leaves(plain)):
+        assert got.dtype == want.dtype and torch.equal(got, want)

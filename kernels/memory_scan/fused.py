@@ -313,9 +313,13 @@ class FusedChunkedScan(torch.autograd.Function):
         return (None, grad_q, grad_k, grad_v, *grad_gates, *grad_states)
 
 
-def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
-    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
-    batch, heads, seq_len, dim = q.shape
+def stacked_gates(theta, eta, alpha, chunk_size):
+    """The gate products in the layout both chunk kernels read, as `ChunkGates` of (B, H, nc, ...) tensors.
+
+    retrieval_decays (B, H, nc, n, 2), update_scores (B, H, nc, n, n), state_decays (B, H, nc, 3),
+    state_rows (B, H, nc, n, 2); n = chunk_size, the padding of a short last chunk is inert.
+    """
+    seq_len = theta.shape[2]
     decays = chunk_decays(theta, eta, alpha, chunk_size)
 
     def last_row(x):  # (B, H, nc, n, ...) -> (B, H, nc, ...)
@@ -326,7 +330,13 @@ def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrie
         (last_row(decays.weight_decay), last_row(decays.momentum_carry), last_row(decays.momentum_decay)), dim=-1
     )
     state_rows = torch.stack((last_row(decays.update_scores), last_row(decays.momentum_scores)), dim=-1)
-    gates = (retrieval_decays, decays.update_scores, state_decays, state_rows)
+    return ChunkGates(retrieval_decays, decays.update_scores, state_decays, state_rows)
+
+
+def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
+    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
+    batch, heads, seq_len, dim = q.shape
+    gates = stacked_gates(theta, eta, alpha, chunk_size)
     groups = batch * heads
     states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)

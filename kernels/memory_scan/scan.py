@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .chunked import chunked_scan
@@ -9,7 +11,39 @@ from .fused import fused_scan
 from .mlp import ACTIVATIONS
 
 RETRIEVE_MODES = ("token", "chunk")
-IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan}
+IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan, "triton": None}  # triton: imported on use
+AUTO = "auto"  # triton on CUDA (where it supports the inputs), fused elsewhere
+TRITON_DEPTHS = (1, 2)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_scan():
+    """The Triton implementation, imported on first use: TRITON_INTERPRET is read when its kernels are defined."""
+    try:
+        from .triton import triton_scan
+    except ImportError as error:
+        raise ValueError(f"implementation='triton' needs the triton package ({error}); pip install triton") from error
+    return triton_scan
+
+
+def _resolve_implementation(implementation, tensors, depth):
+    """`auto`: triton for CUDA inputs it supports (depth 1-2, fp32/bf16/fp16), fused otherwise."""
+    if implementation == AUTO:
+        supported = depth in TRITON_DEPTHS and all(x.dtype in TRITON_DTYPES for x in tensors)
+        return "triton" if tensors[0].is_cuda and supported else "fused"
+    return implementation
+
+
+def _check_triton_inputs(tensors, depth):
+    if depth not in TRITON_DEPTHS:
+        raise ValueError(f"implementation='triton' supports memory depth {TRITON_DEPTHS}, got {depth}; "
+                         "use implementation='fused'")
+    if any(x.dtype not in TRITON_DTYPES for x in tensors):
+        raise ValueError(f"implementation='triton' takes fp32, bf16 or fp16 inputs, got "
+                         f"{sorted({str(x.dtype) for x in tensors})}; use implementation='fused' for fp64")
+    if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("implementation='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before the first "
+                         "triton call, to interpret the kernels on CPU)")
 
 
 def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation):
@@ -19,8 +53,8 @@ def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, ret
         raise ValueError(f"retrieve must be one of {RETRIEVE_MODES}, got {retrieve!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {tuple(IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation != AUTO and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be {AUTO!r} or one of {tuple(IMPLEMENTATIONS)}, got {implementation!r}")
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
     if any(not isinstance(x, torch.Tensor) for x in tensors):
         raise ValueError("q, k, v, theta, eta, alpha and every weights/momentum entry must be tensors")
@@ -58,6 +92,23 @@ def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, ret
         raise ValueError("memory_scan needs floating-point inputs (fp32, fp64, bf16 or fp16)")
     if len({x.device for x in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
+    if _resolve_implementation(implementation, tensors, len(weights)) == "triton":
+        _check_triton_inputs(tensors, len(weights))
+
+
+@torch.compiler.disable
+def _run_kernel(kernel, sequences, gates, weights, momentum, compute_dtype, options):
+    """One kernel call, outside torch.compile and autocast.
+
+    torch.compile would unroll the chunk loop of the fused kernel (minutes of compile time) and
+    cannot see into the Triton kernels; the memory state recurs over the whole sequence, so its
+    products stay in the compute dtype (autocast would round the state to bf16 at every chunk).
+    """
+    with torch.autocast(sequences[0].device.type, enabled=False):
+        return kernel(
+            *sequences, *(x.to(compute_dtype) for x in gates),
+            [w.to(compute_dtype) for w in weights], [s.to(compute_dtype) for s in momentum], *options,
+        )
 
 
 def memory_scan(
@@ -74,7 +125,7 @@ def memory_scan(
     retrieve: str = "token",
     activation: str = "silu",
     residual: bool = True,
-    implementation: str = "fused",
+    implementation: str = AUTO,
 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """Titans neural memory over a sequence: update chunk by chunk, retrieve per token (DESIGN section 3).
 
@@ -83,10 +134,13 @@ def memory_scan(
     Returns y (B, H, T, d) and the state after the last token (weights, momentum). The last chunk
     may be short and updates like any other.
 
-    Half-precision inputs are computed in fp32 (fp64 if any input is fp64); y comes back in q's
-    dtype and each state tensor in its input's dtype. `implementation`: "fused" (default, a
-    hand-written backward, first-order gradients) or "autograd" (the same closed form through
-    autograd: slower, but differentiable to any order).
+    Half-precision inputs are computed in fp32 (fp64 if any input is fp64), also under autocast;
+    y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto"
+    (default: "triton" for CUDA inputs of depth 1-2 in fp32/bf16/fp16, "fused" otherwise), "fused" (a hand-written backward,
+    first-order gradients),
+    "autograd" (the same closed form through autograd: slower, but differentiable to any order) or
+    "triton" (kernels/memory_scan/triton: depth 1 or 2, first-order; q, k, v are read in their
+    own dtype, everything is computed in fp32; on CPU only under TRITON_INTERPRET=1).
     """
     weights, momentum = tuple(weights), tuple(momentum)
     _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation)
@@ -94,11 +148,14 @@ def memory_scan(
         return q.clone(), (weights, momentum)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
     compute_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-    y, weights_out, momentum_out = IMPLEMENTATIONS[implementation](
-        *(x.to(compute_dtype) for x in (q, k, v, theta, eta, alpha)),
-        [w.to(compute_dtype) for w in weights],
-        [s.to(compute_dtype) for s in momentum],
-        chunk_size, retrieve, activation, residual,
+    implementation = _resolve_implementation(implementation, tensors, len(weights))
+    if implementation == "triton":  # converts q, k, v in the kernel, as it loads them
+        kernel, sequences = _triton_scan(), (q, k, v)
+    else:
+        kernel, sequences = IMPLEMENTATIONS[implementation], tuple(x.to(compute_dtype) for x in (q, k, v))
+    y, weights_out, momentum_out = _run_kernel(
+        kernel, sequences, (theta, eta, alpha), weights, momentum, compute_dtype,
+        (chunk_size, retrieve, activation, residual),
     )
     return y.to(q.dtype), (
         tuple(w.to(ref.dtype) for w, ref in zip(weights_out, weights)),

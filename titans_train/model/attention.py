@@ -54,8 +54,18 @@ class Attention(nn.Module):
         return keys, split_heads(self.v_proj(x), self.n_heads)
 
     def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """Queries (B, H, Tq, d) over [persistent | keys (B, H, Tk, d)] with mask (Tq, Tk) -> (B, H, Tq, d)."""
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Queries (B, H, Tq, d) over [persistent | keys (B, H, Tk, d)] with mask (Tq, Tk) -> (B, H, Tq, d).
+
+        mask None means plain causal attention of Tq = Tk tokens; without persistent tokens it goes
+        to SDPA as `is_causal`, which is what lets CUDA pick its flash kernel (a boolean mask
+        restricts SDPA to the memory-efficient and math kernels).
+        """
+        if mask is None:
+            if self.persistent_keys is None:
+                return F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
+            positions = torch.arange(queries.shape[2], device=queries.device)
+            mask = window_mask(positions, positions, None)
         if self.persistent_keys is not None:
             batch = queries.shape[0]
             n_persistent = self.persistent_keys.shape[1]
@@ -95,7 +105,8 @@ class Attention(nn.Module):
         key_positions = torch.arange(position - cached, position + seq_len, device=x.device)
         keys = torch.cat([tail["keys"], new_keys], dim=2)  # (B, H, cached+T, d)
         values = torch.cat([tail["values"], new_values], dim=2)
-        out = self.attend(queries, keys, values, window_mask(positions, key_positions, window))
+        plain_causal = window is None and cached == 0
+        out = self.attend(queries, keys, values, None if plain_causal else window_mask(positions, key_positions, window))
         keep = keys.shape[2] if window is None else min(keys.shape[2], window - 1)
         start = keys.shape[2] - keep
         return out, {"keys": keys[:, :, start:], "values": values[:, :, start:]}
