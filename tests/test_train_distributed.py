@@ -165,8 +165,8 @@ def test_zero_stages_and_tp_sp_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_
 @pytest.mark.slow
 # sp = 2 x ZeRO-1 shards over dp x sp = 2 ranks; one rank (sp = 1) holds a single partition, so
 # that resume re-cuts the shards through the universal format, as a dp change does.
-@pytest.mark.parametrize("stage, overrides", [(1, ()), (2, ()), (1, ("parallel.sp=2",))],
-                         ids=["zero1", "zero2", "zero1-sp2"])
+@pytest.mark.parametrize("stage, overrides", [(1, ()), (2, ()), (3, ()), (1, ("parallel.sp=2",))],
+                         ids=["zero1", "zero2", "zero3", "zero1-sp2"])
 def test_resume_after_signal_is_exact_and_continues_on_another_world_size(tmp_path, stage, overrides):
     from titans_train.train.trainer import EXIT_OK, EXIT_REQUEUE
 
