@@ -159,6 +159,11 @@ def export_hf(consolidated: ConsolidatedModel, out: str | Path, tokenizer: str |
     return out
 
 
+def is_hf_directory(path: Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "titans"
+
+
 def read_hf(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(TitansLM full state dict, the training run's resolved config) from an exported directory."""
     from safetensors.torch import load_file

@@ -131,6 +131,10 @@ class Trainer:
             )
         self.flops_per_token = float(flops_per_token(self.titans_config, config.train.seq_len))
         model = TitansLM(self.titans_config)
+        if config.train.init_from:  # before parallelize, which shards these weights for this layout
+            from titans_train.convert.init_from import load_initial_weights
+
+            load_initial_weights(model, config.train.init_from)
         self.parallel_plan = parallelize(model, config.parallel, self.context)
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
                                              rank=self.context.rank, world_size=self.context.layout.world_size,
