@@ -14,7 +14,8 @@ class TitansHFConfig(PretrainedConfig):
     model_type = "titans"
 
     def __init__(self, titans: Optional[dict[str, Any]] = None, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, bos_token_id: Optional[int] = None, **kwargs):
+                 pad_token_id: Optional[int] = None, bos_token_id: Optional[int] = None, use_cache: bool = True,
+                 **kwargs):
         from titans_train.model import TitansConfig
 
         model = TitansConfig.from_dict(dict(titans)) if titans else TitansConfig()
@@ -23,6 +24,7 @@ class TitansHFConfig(PretrainedConfig):
         self.hidden_size = model.dim
         self.num_hidden_layers = model.n_layers
         self.num_attention_heads = model.n_heads
+        self.use_cache = use_cache
         kwargs["tie_word_embeddings"] = model.tie_embeddings
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id, **kwargs)
 
