@@ -70,35 +70,51 @@ def test_logits_equal_the_training_model(exported, variant):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def _greedy_by_recomputing(hf, prompt: torch.Tensor, steps: int) -> list[int]:
-    ids = prompt
+def _greedy_by_recomputing(hf, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Tokens and per-step logits (steps, V), reading the whole sequence again at every step."""
+    ids, all_logits = prompt, []
     with torch.no_grad():
         for _ in range(steps):
             logits = hf(ids, use_cache=False).logits[:, -1]
+            all_logits.append(logits[0])
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids[0, prompt.shape[1]:].tolist()
+    return ids[0, prompt.shape[1]:].tolist(), torch.stack(all_logits)
+
+
+def _generate(hf, ids, mask) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens per row and logits (B, steps, V)."""
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                      pad_token_id=256, output_logits=True, return_dict_in_generate=True)
+    return [row[ids.shape[1]:].tolist() for row in out.sequences], torch.stack(out.logits, dim=1)
+
+
+def _assert_logits_close(actual, expected):
+    # Logits move by ~1e-3 .. 1e-1 when a pad token is read or a state step is lost (checked).
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_generate_equals_recomputing_and_left_padding_equals_each_sequence(exported, variant):
     _, hf, _ = exported[variant]
     prompts = [_random_ids(1, length, seed)[0] for length, seed in ((13, 2), (5, 3), (13, 4), (9, 5))]
-    alone = []
+    alone, alone_logits = [], []
     for prompt in prompts:
-        generated = hf.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=256)
-        alone.append(generated[0, len(prompt):].tolist())
-    assert alone[0] == _greedy_by_recomputing(hf, prompts[0][None], NEW_TOKENS)
-    assert alone[1] == _greedy_by_recomputing(hf, prompts[1][None], NEW_TOKENS)
+        tokens, logits = _generate(hf, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
+        alone.append(tokens[0])
+        alone_logits.append(logits[0])
+    for row in (0, 1):
+        tokens, logits = _greedy_by_recomputing(hf, prompts[row][None], NEW_TOKENS)
+        assert alone[row] == tokens
+        _assert_logits_close(alone_logits[row], logits)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), 256)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):  # left padding
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
-    batched = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                          eos_token_id=None, pad_token_id=256)
-    assert [row[width:].tolist() for row in batched] == alone
+    tokens, logits = _generate(hf, ids, mask)
+    assert tokens == alone
+    _assert_logits_close(logits, torch.stack(alone_logits))
 
 
 def test_right_padding_is_refused(exported):
