@@ -143,3 +143,15 @@ def test_auto_classes_load_without_deepspeed_or_megatron(exported):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "TitansForCausalLM 9 []"
+
+
+def test_beam_search_with_the_cache_equals_beam_search_recomputing(exported):
+    # beam search reorders the cache's rows (`reorder_cache`) after every step
+    _, hf, _ = exported["mal"]
+    ids = _random_ids(2, 9, 6)
+    common = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=3, do_sample=False,
+                  eos_token_id=None, pad_token_id=256, output_scores=True, return_dict_in_generate=True)
+    cached = hf.generate(ids, use_cache=True, **common)
+    recomputed = hf.generate(ids, use_cache=False, **common)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, rtol=1e-5, atol=1e-6)
