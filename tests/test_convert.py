@@ -61,20 +61,37 @@ def train_layouts(root: str, layouts: dict[str, list[str]]) -> dict:
         result = train(config, hooks=[capture])
         # as numpy (exact for bf16 too): tensors would cross the process boundary as shared memory
         live = {key: (value.float().numpy(), str(value.dtype).removeprefix("torch.")) for key, value in live.items()}
-        out[name] = {"checkpoint": result.checkpoint, "live": live, "validation": result.validation}
+        out[name] = {"checkpoint": result.checkpoint, "live": live, "validation": result.validation,
+                     "losses": [result.losses[step] for step in sorted(result.losses)]}
     return out
+
+
+RESHARD = ["parallel.zero_stage=1", "train.steps=4", "checkpoint.interval=2"]  # saves at steps 2 and 4
+
+
+def _stopped_at_step_2(run_dir: Path, copy: Path) -> None:
+    """A copy of a 4-step run as if it had stopped after its step-2 checkpoint."""
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step000000004")
+    (copy / "checkpoints" / "latest").write_text("step000000002\n")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     (one,) = run_distributed("test_convert:train_layouts", 1, 240, init_process_group=False, root=str(root),
-                             layouts={"zero0": ["parallel.zero_stage=0"]})
+                             layouts={"zero0": ["parallel.zero_stage=0"], "tp1-zero1": RESHARD})
+    _stopped_at_step_2(root / "tp1-zero1", root / "tp1-to-tp2")
     layouts = dict(LAYOUTS_ON_TWO)
     layouts["init-tp2"] = ["parallel.tp=2", "parallel.zero_stage=1", f"train.init_from={root / 'zero0'}"]
+    layouts["tp2-zero1-4"] = ["parallel.tp=2", *RESHARD]
+    layouts["tp1-to-tp2"] = ["parallel.tp=2", *RESHARD]  # resumes tp1-zero1's step 2 at tp = 2
     two = run_distributed("test_convert:train_layouts", 2, 480, init_process_group=False, root=str(root),
                           layouts=layouts)
-    return {"root": root, **one, **two[0]}
+    _stopped_at_step_2(root / "tp2-zero1-4", root / "tp2-to-tp1")
+    (back,) = run_distributed("test_convert:train_layouts", 1, 240, init_process_group=False, root=str(root),
+                              layouts={"tp2-to-tp1": RESHARD})
+    return {"root": root, **one, **two[0], **back}
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -130,6 +147,15 @@ def test_init_from_starts_another_layout_at_the_source_models_loss(runs):
     source_loss = runs["zero0"]["validation"][STEPS]  # the saved weights' validation loss
     started = runs["init-tp2"]["validation"][0]  # tp = 2, step 0, initialised from that checkpoint
     assert abs(started - source_loss) <= 1e-5 * abs(source_loss), (started, source_loss)
+
+
+@pytest.mark.parametrize("resumed, uninterrupted", [("tp1-to-tp2", "tp1-zero1"), ("tp2-to-tp1", "tp2-zero1-4")])
+def test_resume_on_another_tensor_parallel_size_continues_the_uninterrupted_losses(runs, resumed, uninterrupted):
+    expected = runs[uninterrupted]["losses"][2:]
+    actual = runs[resumed]["losses"]
+    assert len(actual) == len(expected) == 2, (actual, expected)
+    for step, (a, e) in enumerate(zip(actual, expected), start=3):
+        assert abs(a - e) <= 1e-5 * abs(e), (step, a, e)
 
 
 def test_hf_round_trip_and_generate_agree_with_titans_train_generate(runs, tmp_path):
