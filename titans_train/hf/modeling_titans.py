@@ -48,7 +48,8 @@ class RowGroup:
         rows = [self.rows[m] for m in members]
         if self.state is None:
             return RowGroup(rows, None)
-        index = torch.tensor(members, device=self.state.layers[0][next(iter(self.state.layers[0]))].device)
+        device = next(iter(self.state.layers[0].values())).device
+        index = torch.tensor(members, device=device)
         layers = [{name: value.index_select(0, index) for name, value in layer.items()}
                   for layer in self.state.layers]
         return RowGroup(rows, ModelState(self.state.position, layers))
@@ -113,11 +114,11 @@ class TitansCache(Cache):
 def _real_token_counts(mask: torch.Tensor, positions: list[int]) -> list[int]:
     """Real tokens per row of the new columns' mask (B, t); only left padding is accepted."""
     counts = mask.sum(dim=1).tolist()
+    width = mask.shape[1]
     for row, (count, position) in enumerate(zip(counts, positions)):
-        t = mask.shape[1]
-        expected = torch.zeros(t, dtype=mask.dtype, device=mask.device)
-        expected[t - int(count):] = 1
-        if not torch.equal(mask[row], expected) or (position > 0 and count != t):
+        expected = torch.zeros(width, dtype=mask.dtype, device=mask.device)
+        expected[width - int(count):] = 1
+        if not torch.equal(mask[row], expected) or (position > 0 and count != width):
             raise ValueError(f"attention_mask row {row}: only left padding is supported (pads first, then "
                              "real tokens, then no more pads); set tokenizer.padding_side = 'left'")
     return [int(c) for c in counts]
