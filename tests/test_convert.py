@@ -4,7 +4,9 @@
 Checkpoints are written once per module (debug MAC model, 2 steps): ZeRO 0 on 1 rank, then on
 2 ranks ZeRO-3 dp=2, ZeRO-2 bf16 dp=2, tp=2 (ZeRO 1), sp=2 (ZeRO 3, only sp rank 0 writes ZeRO
 files) and a tp=2 run started with `train.init_from` the ZeRO-0 checkpoint. Each run records the
-full live parameters at its last step (gathered over ZeRO-3 / tp) to compare with.
+full live parameters at its last step (gathered over ZeRO-3 / tp) to compare with. For
+resharding, 4-step ZeRO-1 runs at tp=1 and tp=2 save at step 2, and copies stopped there resume
+at tp=2, tp=1 and sp=2.
 """
 
 from __future__ import annotations
@@ -89,9 +91,12 @@ def runs(tmp_path_factory):
     two = run_distributed("test_convert:train_layouts", 2, 480, init_process_group=False, root=str(root),
                           layouts=layouts)
     _stopped_at_step_2(root / "tp2-zero1-4", root / "tp2-to-tp1")
+    _stopped_at_step_2(root / "tp2-zero1-4", root / "tp2-to-sp2")
     (back,) = run_distributed("test_convert:train_layouts", 1, 240, init_process_group=False, root=str(root),
                               layouts={"tp2-to-tp1": RESHARD})
-    return {"root": root, **one, **two[0], **back}
+    to_sp = run_distributed("test_convert:train_layouts", 2, 240, init_process_group=False, root=str(root),
+                            layouts={"tp2-to-sp2": ["parallel.sp=2", *RESHARD]})
+    return {"root": root, **one, **two[0], **back, **to_sp[0]}
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -149,7 +154,8 @@ def test_init_from_starts_another_layout_at_the_source_models_loss(runs):
     assert abs(started - source_loss) <= 1e-5 * abs(source_loss), (started, source_loss)
 
 
-@pytest.mark.parametrize("resumed, uninterrupted", [("tp1-to-tp2", "tp1-zero1"), ("tp2-to-tp1", "tp2-zero1-4")])
+@pytest.mark.parametrize("resumed, uninterrupted", [("tp1-to-tp2", "tp1-zero1"), ("tp2-to-tp1", "tp2-zero1-4"),
+                                                   ("tp2-to-sp2", "tp2-zero1-4")])
 def test_resume_on_another_tensor_parallel_size_continues_the_uninterrupted_losses(runs, resumed, uninterrupted):
     expected = runs[uninterrupted]["losses"][2:]
     actual = runs[resumed]["losses"]
