@@ -47,20 +47,22 @@ def _live_parameters(trainer) -> dict[str, torch.Tensor]:
 
 def train_layouts(root: str, layouts: dict[str, list[str]]) -> dict:
     from titans_train.config import load_recipe
+    from titans_train.train.callbacks import Callback
     from titans_train.train.trainer import train
+
+    class CaptureLive(Callback):
+        def on_step_end(self, trainer, metrics):
+            if metrics.step == STEPS:
+                live.update(_live_parameters(trainer))
 
     root = Path(root)
     out = {}
     for name, overrides in layouts.items():
         live = {}
 
-        def capture(trainer, step):
-            if step == STEPS:
-                live.update(_live_parameters(trainer))
-
         config = load_recipe("debug", [f"run_dir={root / name}",
                                        f"train.steps={STEPS}", "train.warmup_steps=1", *overrides], world_size=None)
-        result = train(config, hooks=[capture])
+        result = train(config, callbacks=[CaptureLive()])
         # as numpy (exact for bf16 too): tensors would cross the process boundary as shared memory
         live = {key: (value.float().numpy(), str(value.dtype).removeprefix("torch.")) for key, value in live.items()}
         out[name] = {"checkpoint": result.checkpoint, "live": live, "validation": result.validation,
