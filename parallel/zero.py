@@ -66,11 +66,16 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     """`deepspeed.initialize` with the mpu for this layout and ZeRO stage: (engine, optimizer,
     scheduler). `config` must hold the keys of `deepspeed_batch_settings`."""
     import deepspeed
+    from deepspeed.utils import groups
 
     zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    mpu = context.mpu(partition_over_sp=zero_partitions_over_sp(zero_stage, context.sp_size))
+    # DeepSpeed keeps the last engine's mpu in a module global and only ever sets it: a later
+    # pure data-parallel engine in the same process (mpu None) would shard by the old layout's
+    # groups and write its ZeRO files for them.
+    groups.mpu = mpu
     engine, deepspeed_optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
-        mpu=context.mpu(partition_over_sp=zero_partitions_over_sp(zero_stage, context.sp_size)),
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, mpu=mpu,
         dist_init_required=False,
     )
     if zero_stage == 3:

@@ -195,12 +195,13 @@ def test_resume_after_signal_is_exact_under_sequence_parallel_zero3(tmp_path):
 
 
 def tp_resume_on_other_dp_rank(root: str) -> str:
-    """A tp = 2 checkpoint whose manifest claims another data-parallel size: the resume stops
-    with a config error instead of failing inside DeepSpeed's universal conversion."""
+    """A tp = 2 ZeRO-3 checkpoint whose manifest claims another data-parallel size: the resume
+    stops with a config error (changing a tp run's layout is built for ZeRO 1 and 2,
+    tests/test_convert.py) instead of failing inside DeepSpeed's universal conversion."""
     from titans_train.config import InvalidValueError
 
     root = Path(root)
-    overrides = ("parallel.tp=2", "parallel.zero_stage=1", "train.steps=3", "checkpoint.interval=0")
+    overrides = ("parallel.tp=2", "parallel.zero_stage=3", "train.steps=3", "checkpoint.interval=0")
     _losses(root, *overrides)
     import torch.distributed as dist
 
@@ -222,4 +223,4 @@ def test_tensor_parallel_resume_on_another_data_parallel_size_is_refused_clearly
     messages = run_distributed("test_train_distributed:tp_resume_on_other_dp_rank", 2, 240,
                                init_process_group=False, root=str(tmp_path))
     for message in messages:
-        assert message.startswith("parallel.tp") and "Relaunch with the checkpoint's world size" in message, message
+        assert message.startswith("parallel.tp") and "Relaunch with the checkpoint's layout" in message, message

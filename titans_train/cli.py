@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("titans_train.model.cli", "model facts (parameter count, FLOPs) for a recipe"),
     "data": ("titans_train.data.cli", "prepare datasets, train tokenizers, inspect shards"),
     "generate": ("titans_train.generate", "continue a prompt from a checkpoint, memory updating as it reads"),
+    "convert": ("titans_train.convert.cli", "a checkpoint of any layout to a Hugging Face model, or back"),
 }
 
 

@@ -8,8 +8,6 @@ model state, so the neural memory keeps updating as the text grows (test-time me
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -41,34 +39,17 @@ def find_checkpoint(path: str | Path) -> Path:
                                   f"or a checkpoints directory with `{LATEST}`)")
 
 
-def load_model_state(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The model's weights (fp32 master copy where ZeRO keeps one), without the trainer prefix."""
-    if zero_stage == 0:
-        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(sys.stderr):  # it reports progress on stdout
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    return {name.removeprefix("model."): tensor.float() for name, tensor in state.items()}
-
-
 def load_for_inference(checkpoint_dir: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, resolved config dict, checkpoint path)."""
-    from titans_train.config import config_from_container, model_config
+    """(model in eval mode, tokenizer, resolved config, checkpoint path). Any layout (ZeRO 0-3,
+    tp, sp) is read through the conversion tool's consolidation (`titans_train.convert`)."""
+    from titans_train.config import config_from_container
+    from titans_train.convert.consolidate import consolidate, load_titans_model
     from titans_train.data import load_tokenizer
-    from titans_train.model import TitansLM
 
-    checkpoint = find_checkpoint(checkpoint_dir)
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
-    config = config_from_container(manifest["config"])
-    model = TitansLM(model_config(config))
-    missing, unexpected = model.load_state_dict(load_model_state(checkpoint, manifest["zero_stage"]), strict=False)
-    # A tied LM head is stored once, under the embedding's name.
-    missing = [name for name in missing if not (name == "lm_head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    return model.to(device).eval(), load_tokenizer(config.data.tokenizer), config, checkpoint
+    consolidated = consolidate(find_checkpoint(checkpoint_dir))
+    config = config_from_container(consolidated.run_config)
+    model = load_titans_model(consolidated)
+    return model.to(device), load_tokenizer(config.data.tokenizer), config, consolidated.checkpoint
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:

@@ -57,6 +57,9 @@ class TrainConfig:
     # micro-batches of the validation split.
     eval_interval: int = 0
     eval_batches: int = 8
+    # Start from these weights (a training checkpoint of any layout, or a `convert --to hf` dir);
+    # empty: fresh initialisation. A resumable checkpoint in checkpoint.dir takes precedence.
+    init_from: str = ""
 
 
 @dataclass

@@ -211,8 +211,10 @@ class CheckpointManager:
         return result
 
     # ---- loading ------------------------------------------------------------------------------
-    def universal_copy(self, info: CheckpointInfo) -> Path:
-        """A DeepSpeed universal checkpoint of `info` (made once, by rank 0) for another dp size."""
+    def universal_copy(self, info: CheckpointInfo, tensor_parallel: bool = False) -> Path:
+        """A DeepSpeed universal checkpoint of `info` (made once, by rank 0) for another dp size;
+        with `tensor_parallel` (a tp > 1 source or another tp size) written by
+        `titans_train.convert.universal`, which merges the tp shards by TP_PLAN."""
         target = self.directory / UNIVERSAL_DIR / info.tag
         if self.rank == 0 and not (target / MANIFEST).is_file():
             from deepspeed.checkpoint import ds_to_universal
@@ -220,10 +222,16 @@ class CheckpointManager:
             partial = target.with_name(PARTIAL_PREFIX + info.tag)
             shutil.rmtree(partial, ignore_errors=True)
             partial.parent.mkdir(parents=True, exist_ok=True)
-            args = SimpleNamespace(input_folder=str(info.path), output_folder=str(partial), num_extract_workers=1,
-                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                   inject_missing_state=True)
-            ds_to_universal.main(args)
+            if tensor_parallel:
+                from titans_train.convert.universal import write_universal
+
+                partial.mkdir()
+                write_universal(info.path, info.manifest, partial)
+            else:
+                args = SimpleNamespace(input_folder=str(info.path), output_folder=str(partial), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                       inject_missing_state=True)
+                ds_to_universal.main(args)
             for name in os.listdir(info.path):
                 if name.startswith("rank") or name == MANIFEST:
                     shutil.copy2(info.path / name, partial / name)
@@ -232,9 +240,9 @@ class CheckpointManager:
         barrier()
         return target
 
-    def load(self, engine, info: CheckpointInfo, load_universal: bool) -> dict[str, Any]:
+    def load(self, engine, info: CheckpointInfo, load_universal: bool, tensor_parallel: bool = False) -> dict[str, Any]:
         """Load `info` into `engine`; returns the client state. Restores this rank's RNG state."""
-        path = self.universal_copy(info) if load_universal else info.path
+        path = self.universal_copy(info, tensor_parallel) if load_universal else info.path
         # DeepSpeed 0.19's ZeRO-3 universal load (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`)
         # gives every parameter group the hyperparameters of group 0, and every flat partition
         # one shared `step` tensor, which torch's AdamW then increments once per partition per

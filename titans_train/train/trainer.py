@@ -131,28 +131,38 @@ class Trainer:
             )
         self.flops_per_token = float(flops_per_token(self.titans_config, config.train.seq_len))
         model = TitansLM(self.titans_config)
+        if config.train.init_from:  # before parallelize, which shards these weights for this layout
+            from titans_train.convert.init_from import load_initial_weights
+
+            load_initial_weights(model, config.train.init_from)
         self.parallel_plan = parallelize(model, config.parallel, self.context)
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
                                              rank=self.context.rank, world_size=self.context.layout.world_size,
                                              log=self.logger.warning)
         resume = self._pick_resume_checkpoint()
         # ZeRO's shards are cut over its own data-parallel group (dp x sp, or dp for ZeRO-3 with
-        # sp): another size of it needs DeepSpeed's universal format to re-cut them.
+        # sp): another size of it, or another tp size, needs DeepSpeed's universal format to re-cut
+        # them; with tp > 1 on either side that copy is written by titans_train.convert.universal,
+        # which merges the tp shards by TP_PLAN.
         self.zero_partitions = deepspeed_data_parallel_size(self.context, config.parallel.zero_stage)
+        source_tp = int(resume.manifest["config"]["parallel"]["tp"]) if resume is not None else 1
+        self.tp_universal = source_tp > 1 or self.context.tp_size > 1
         load_universal = bool(
             resume is not None and config.parallel.zero_stage > 0
-            and resume.manifest.get("zero_partitions", resume.manifest.get("data_parallel_size")) != self.zero_partitions
+            and (resume.manifest.get("zero_partitions", resume.manifest.get("data_parallel_size")) != self.zero_partitions
+                 or source_tp != self.context.tp_size)
         )
-        if load_universal and self.context.tp_size > 1:
+        if load_universal and self.tp_universal and (
+                config.parallel.zero_stage not in (1, 2) or int(resume.manifest["zero_stage"]) not in (1, 2)):
             manifest = resume.manifest
             raise InvalidValueError(
                 "parallel.tp",
-                f"cannot resume {resume.path} (written by {manifest.get('world_size')} processes, ZeRO "
-                f"partitions {manifest.get('zero_partitions', manifest.get('data_parallel_size'))}) on "
-                f"{self.zero_partitions} ZeRO partitions: "
-                "changing it goes through DeepSpeed's universal checkpoint format, which cannot merge this "
-                "model's tensor-parallel shards yet. Relaunch with the checkpoint's world size, or start "
-                "afresh with checkpoint.auto_resume=false or another checkpoint.dir.",
+                f"cannot resume {resume.path} (written with tp={source_tp}, ZeRO {manifest.get('zero_stage')}, "
+                f"ZeRO partitions {manifest.get('zero_partitions', manifest.get('data_parallel_size'))}) with "
+                f"tp={self.context.tp_size}, ZeRO {config.parallel.zero_stage}, {self.zero_partitions} ZeRO partitions: "
+                "changing the layout of a tensor-parallel run is built for ZeRO 1 and 2. Relaunch with the "
+                "checkpoint's layout, or start a new run from its weights with train.init_from=<checkpoint> and "
+                "another checkpoint.dir.",
             )
         self.engine, self.optimizer, self.scheduler = build_engine(
             ParallelObjective(model, self.parallel_plan), config, self.batch, self.context,
@@ -175,9 +185,10 @@ class Trainer:
         return None
 
     def _resume(self, info: CheckpointInfo, load_universal: bool) -> None:
-        how = " (converted to a universal checkpoint: the number of ZeRO partitions changed)" if load_universal else ""
+        how = " (converted to a universal checkpoint: the layout changed)" if load_universal else ""
         self.logger.info(f"resuming from {info.path}{how}")
-        client_state = self.checkpoints.load(self.engine, info, load_universal)
+        client_state = self.checkpoints.load(self.engine, info, load_universal,
+                                             tensor_parallel=self.tp_universal)
         trainer_state = client_state["titans_trainer"]
         self.step = int(trainer_state["step"])
         self.tokens_seen = int(trainer_state["tokens_seen"])
