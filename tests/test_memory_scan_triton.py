@@ -1,23 +1,19 @@
 """The Triton memory_scan kernels against the PyTorch reference, run by the Triton interpreter on CPU.
 
-TRITON_INTERPRET is read when the kernels are defined, which `memory_scan` does on its first
-triton call (the kernels module is imported lazily), so setting it here, at collection, is early
-enough even when other test modules have imported triton itself.
+TRITON_INTERPRET must be set before triton is first imported; tests/conftest.py does it for the
+whole session (other test modules import triton indirectly).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
-
-from test_memory_scan import make_inputs, relative_error, run_with_grads  # noqa: E402
-from titans_train.kernels import memory_scan  # noqa: E402
+from test_memory_scan import make_inputs, relative_error, run_with_grads
+from titans_train.kernels import memory_scan
 
 pytest.importorskip("triton")
 
