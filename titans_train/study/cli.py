@@ -69,11 +69,12 @@ def _plan(args):
 
 
 def _print_plan(runs) -> None:
-    header = f"{'run':<28} {'params':>10} {'non-emb':>10} {'steps':>6} {'tokens':>11} {'FLOPs/token':>12} {'FLOPs':>10}"
-    print(header)
+    from titans_train.study.collect import run_status
+
+    print(f"{'run':<28} {'params':>10} {'non-emb':>10} {'steps':>6} {'tokens':>11} {'FLOPs/token':>12} {'FLOPs':>10}  status")
     for run in runs:
         print(f"{run.name:<28} {run.params:>10,} {run.non_embedding_params:>10,} {run.steps:>6} {run.tokens:>11,} "
-              f"{run.flops_per_token:>12.4g} {run.flops:>10.3g}")
+              f"{run.flops_per_token:>12.4g} {run.flops:>10.3g}  {run_status(run)}")
     print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs in all (our count: matmuls, memory updates "
           f"included), {sum(r.tokens for r in runs):,} tokens")
 
