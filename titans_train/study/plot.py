@@ -76,7 +76,7 @@ def loss_curves(rows: list[dict[str, Any]]):
         axis.set_title(f"variant {variant}")
         axis.set_xlabel("training tokens (log scale)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, title="size, budget", title_fontsize=7)
+        axis.legend(fontsize=7, title="size, budget", title_fontsize=7, loc="upper right")  # curves fall left to right
     axes[0].set_ylabel("loss (nats per token)")
     figure.tight_layout()
     return figure
