@@ -107,3 +107,16 @@ def test_expressions_are_arithmetic_only():
         with pytest.raises(ConfigError) as error:
             evaluate("derived.x", bad, {"dim": 1})
         assert error.value.key == "derived.x"
+
+
+def test_lr_axis_and_batch_derived_from_compute(tmp_path):
+    text = GOOD.replace("flops: [1.0e9]", "flops: [1.0e9, 4.0e9]\n  lr: [1.0e-3, 3.0e-3]").replace(
+        "derived:\n", 'derived:\n  train.global_batch_tokens: "256 if compute < 2e9 else 512"\n')
+    runs = _plan(tmp_path, text)
+    assert len(runs) == 2 * 2 * 2 * 2
+    for run in runs:
+        config = load_recipe(run.recipe, run.overrides, world_size=1)
+        assert run.name.endswith(f"-lr{run.lr:g}") and config.train.lr == run.lr
+        batch = 256 if run.budget == "c1e9" else 512
+        assert config.train.global_batch_tokens == batch and run.tokens == run.steps * batch
+        assert config.train.warmup_steps == max(1, run.steps // 10)  # `steps` follows the derived batch
