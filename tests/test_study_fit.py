@@ -13,7 +13,7 @@ import pytest
 
 from titans_train.config import ConfigError
 from titans_train.study.collect import write_table
-from titans_train.study.fit import _objective, compute_optimal, fit_law, fit_table, predict
+from titans_train.study.fit import _objective, compute_optimal, fit_law, fit_table, format_fit, predict
 
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al.'s estimates
 SIZES = [3e5, 1e6, 3e6, 1e7]
@@ -163,3 +163,18 @@ def test_plots_are_valid_images_with_the_expected_series(tmp_path):
     assert np.all(np.diff(loss) < 0)  # more compute, lower optimal loss
     assert size_axis.get_yscale() == "log" and "FLOPs" in size_axis.get_xlabel()
     assert math.isclose(laws["mac"]["k"], 6.0)
+
+
+def test_an_ill_determined_fit_reports_unbounded_intervals_as_json_nulls():
+    """Loss independent of N: alpha and A are not identified and resamples run off to infinity
+    (as in docs/scaling-study.md's CPU study); the result stays valid JSON."""
+    n, d, _ = _synthetic(TRUE, noise=0.0, seed=0)
+    loss = (2.0 + 50.0 * d ** -0.25) * np.exp(np.random.default_rng(3).normal(0.0, 0.01, len(d)))
+    rows = [{"params": a, "tokens": b, "val_loss": c} for a, b, c in zip(n, d, loss)]
+    result = fit_table(rows, resamples=20)
+    text = json.dumps(result, allow_nan=False)  # no Infinity/NaN tokens
+    fit = json.loads(text)["variants"]["all"]
+    assert fit["bootstrap"]["resamples"] == 20 and fit["bootstrap"]["degenerate"] > 0
+    assert fit["A"]["high"] is None  # unbounded, said so rather than dropped
+    assert fit["beta"]["low"] <= 0.25 <= fit["beta"]["high"]  # the identified part is still right
+    assert "all: 16 runs" in format_fit(result) and "unbounded" in format_fit(result)

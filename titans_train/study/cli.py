@@ -56,7 +56,8 @@ def _table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-column", help="loss column (default: val_loss, loss, L or final_val_loss)")
     parser.add_argument("--compute", choices=("6ND", "flops"), default="6ND",
                         help="C = 6 N D, or C = k N D with k the median of the table's flops / (N D) (default 6ND)")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200)")
+    parser.add_argument("--bootstrap", type=int, default=200,
+                        help="bootstrap refits for the intervals (default 200; plot draws point estimates only)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -87,10 +88,10 @@ def _read_table(args):
     return read_table(args.table)
 
 
-def _fit(args, rows):
+def _fit(args, rows, resamples: int):
     from titans_train.study.fit import fit_table
 
-    return fit_table(rows, args.n_column, args.d_column, args.loss_column, resamples=args.bootstrap,
+    return fit_table(rows, args.n_column, args.d_column, args.loss_column, resamples=resamples,
                      compute=args.compute, seed=args.seed, key=str(args.table))
 
 
@@ -139,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.action == "fit":
         from titans_train.study.fit import format_fit
 
-        result = _fit(args, rows)
+        result = _fit(args, rows, args.bootstrap)
         if args.out:
             from titans_train.study.collect import write_atomic
 
@@ -149,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     from titans_train.study.plot import write_figures
 
     try:
-        result = _fit(args, rows)
+        result = _fit(args, rows, resamples=0)  # the figures draw the point estimates only
     except ConfigError as error:  # the curves and profiles do not need a fit
         print(f"no fitted frontier: {error}", file=sys.stderr)
         result = None

@@ -94,7 +94,9 @@ def _best_grid_points(grid: np.ndarray, count: int, log_n, log_d, log_loss) -> n
 
 def law_parameters(theta: np.ndarray) -> dict[str, float]:
     a, b, e, alpha, beta = theta
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta)}
+    with np.errstate(over="ignore"):  # a resample may push a or b off to infinity: kept as inf
+        return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": float(alpha),
+                "beta": float(beta)}
 
 
 def predict(law: dict[str, float], n, d):
@@ -102,12 +104,20 @@ def predict(law: dict[str, float], n, d):
 
 
 def compute_optimal(law: dict[str, float], compute, k: float) -> tuple[np.ndarray, np.ndarray]:
-    """(N*, D*) minimising L(N, D) subject to k N D = compute."""
+    """(N*, D*) minimising L(N, D) subject to k N D = compute; NaN when the law has no such
+    minimum (an exponent <= 0, or a coefficient infinite or zero)."""
     alpha, beta = law["alpha"], law["beta"]
-    scale = (alpha * law["A"] / (beta * law["B"])) ** (1.0 / (alpha + beta))
     budget = np.asarray(compute, float) / k
+    if not _has_optimum(law):
+        return np.full_like(budget, np.nan), np.full_like(budget, np.nan)
+    scale = (alpha * law["A"] / (beta * law["B"])) ** (1.0 / (alpha + beta))
     n_opt = scale * budget ** (beta / (alpha + beta))
     return n_opt, budget / n_opt
+
+
+def _has_optimum(law: dict[str, float]) -> bool:
+    values = [law[name] for name in PARAMETERS]
+    return all(math.isfinite(v) for v in values) and law["alpha"] > 0 and law["beta"] > 0 and law["A"] > 0 and law["B"] > 0
 
 
 @dataclass
@@ -120,24 +130,34 @@ class LawFit:
     compute: str  # "6ND" or "flops"
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     resamples: int = 0
+    degenerate: int = 0  # resamples whose law has no compute optimum (a parameter infinite, an exponent <= 0)
     optimal: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         def item(name):
             low, high = self.intervals.get(name, (None, None))
-            return {"value": self.law[name], "low": low, "high": high}
+            return {"value": _finite(self.law[name]), "low": _finite(low), "high": _finite(high)}
 
+        optimal = [{k: ([_finite(x) for x in v] if isinstance(v, tuple) else _finite(v)) for k, v in entry.items()}
+                   for entry in self.optimal]
         return {
             "rows": self.rows, "objective": self.objective, "compute": self.compute, "k": self.k,
             **{name: item(name) for name in (*PARAMETERS, "a", "b")},
-            "bootstrap": {"resamples": self.resamples, "level": 0.95}, "optimal": self.optimal,
+            "bootstrap": {"resamples": self.resamples, "degenerate": self.degenerate, "level": 0.95},
+            "optimal": optimal,
         }
+
+
+def _finite(value):
+    """JSON has no infinity: an unbounded or undefined value is null (with bootstrap resamples > 0,
+    a null interval end means unbounded)."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def fit_law(n: Sequence[float], d: Sequence[float], loss: Sequence[float], label: str = "all",
             resamples: int = 200, starts: int = 20, seed: int = 0, flops: Sequence[float] | None = None,
             compute: str = "6ND", key: str = "table") -> LawFit:
-    """Fit the law to runs (N, D, L); bootstrap intervals; compute-optimal N*, D* at the runs' budgets."""
+    """Fit the law to runs (N, D, L); bootstrap intervals; compute-optimal N*, D* across the runs' compute."""
     n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
     distinct_n, distinct_d = len(np.unique(n)), len(np.unique(d))
     if len(n) < MIN_ROWS or distinct_n < MIN_DISTINCT or distinct_d < MIN_DISTINCT:
@@ -159,7 +179,7 @@ def fit_law(n: Sequence[float], d: Sequence[float], loss: Sequence[float], label
     theta, objective = _minimise(_best_grid_points(grid, starts, *logs), *logs)
     fit = LawFit(label=label, rows=len(n), law=law_parameters(theta), objective=objective, k=k, compute=compute)
     fit.law["a"], fit.law["b"] = _allocation_exponents(fit.law)
-    budgets = np.unique(np.round(k * n * d, 6))
+    budgets = np.geomspace((k * n * d).min(), (k * n * d).max(), 3)  # the span of the runs' compute
     samples = []
     generator = np.random.default_rng(seed)
     for _ in range(resamples):
@@ -170,11 +190,15 @@ def fit_law(n: Sequence[float], d: Sequence[float], loss: Sequence[float], label
         if sample_theta is not None:
             samples.append(law_parameters(sample_theta))
     fit.resamples = len(samples)
+    fit.degenerate = sum(not _has_optimum(sample) for sample in samples)
 
     def interval(values) -> tuple[float, float]:
+        """95% percentile interval; an infinite end (degenerate resamples) stays infinite."""
         values = np.asarray(values, float)
-        values = values[np.isfinite(values)]
-        return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (math.nan,) * 2
+        values = values[~np.isnan(values)]
+        if not len(values):
+            return math.nan, math.nan
+        return float(np.percentile(values, 2.5, method="lower")), float(np.percentile(values, 97.5, method="higher"))
 
     if samples:
         for name in PARAMETERS:
@@ -239,22 +263,29 @@ def fit_table(rows: list[dict[str, Any]], n_column: str | None = None, d_column:
     return result
 
 
+def _number(value) -> str:
+    return f"{value:.4g}" if value is not None else "unbounded"
+
+
 def format_fit(result: dict[str, Any]) -> str:
     """The fit as text: one block per variant."""
     lines = [f"L(N, D) = E + A N^-alpha + B D^-beta; {result['method']}",
              f"N = {result['n_column']}, D = {result['d_column']}, L = {result['loss_column']}"]
     for label, fit in result["variants"].items():
+        bootstrap = fit["bootstrap"]
         lines.append(f"\n{label}: {fit['rows']} runs ({fit['excluded']} not finished, left out); "
-                     f"95% intervals from {fit['bootstrap']['resamples']} bootstrap refits")
+                     f"95% intervals from {bootstrap['resamples']} bootstrap refits"
+                     f" ({bootstrap['degenerate']} degenerate: a parameter infinite or an exponent <= 0)")
+
         for name in (*PARAMETERS, "a", "b"):
             item = fit[name]
-            span = f"  [{item['low']:.4g}, {item['high']:.4g}]" if item["low"] is not None else ""
-            lines.append(f"  {name:<6} {item['value']:.4g}{span}")
+            span = f"  [{_number(item['low'])}, {_number(item['high'])}]" if bootstrap["resamples"] else ""
+            lines.append(f"  {name:<6} {_number(item['value'])}{span}")
         lines.append(f"  compute-optimal (C = {fit['k']:.3g} N D, {fit['compute']}): N* ~ C^a, D* ~ C^b")
         for entry in fit["optimal"]:
             n_span = ""
             if "N_interval" in entry:
-                n_span = f" [{entry['N_interval'][0]:.3g}, {entry['N_interval'][1]:.3g}]"
-            lines.append(f"    C = {entry['compute']:.3g}: N* = {entry['N']:.3g}{n_span}, D* = {entry['D']:.3g}, "
-                         f"L = {entry['loss']:.4f}")
+                n_span = f" [{_number(entry['N_interval'][0])}, {_number(entry['N_interval'][1])}]"
+            lines.append(f"    C = {entry['compute']:.3g}: N* = {_number(entry['N'])}{n_span}, D* = {_number(entry['D'])}, "
+                         f"L = {_number(entry['loss'])}")
     return "\n".join(lines)

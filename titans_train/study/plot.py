@@ -84,6 +84,8 @@ def loss_curves(rows: list[dict[str, Any]]):
 
 def isoflop(rows: list[dict[str, Any]], fits: dict[str, Any] | None = None):
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     finished = [r for r in rows if r.get("status", "finished") == "finished" and r.get("val_loss") is not None]
     variants = _variants(finished)
     figure, axes = _panels(plt, len(variants), "IsoFLOP profiles: final validation loss at fixed compute")
@@ -104,6 +106,7 @@ def isoflop(rows: list[dict[str, Any]], fits: dict[str, Any] | None = None):
                 axis.plot(grid, predict(fit, grid, ratio / grid), "--", color=colour, alpha=0.7,
                           label=f"fit at C = {budget:.2g}")
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # less than a decade: minor labels collide
         axis.set_title(f"variant {variant}")
         axis.set_xlabel("parameters N (log scale)")
         axis.grid(True, which="both", alpha=0.3)
