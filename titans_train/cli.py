@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("titans_train.data.cli", "prepare datasets, train tokenizers, inspect shards"),
     "generate": ("titans_train.generate", "continue a prompt from a checkpoint, memory updating as it reads"),
     "convert": ("titans_train.convert.cli", "a checkpoint of any layout to a Hugging Face model, or back"),
+    "study": ("titans_train.study.cli", "scaling studies: plan, run, collect, fit and plot a grid of runs"),
 }
 
 

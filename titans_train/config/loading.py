@@ -72,6 +72,11 @@ def _load_composed(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(merged, raw)
 
 
+def load_composed(path: Path) -> DictConfig:
+    """A YAML file with its `base:` parts merged in, unchecked (recipes, and study files)."""
+    return _load_composed(Path(path))
+
+
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -187,6 +192,7 @@ __all__ = [
     "build_schema",
     "config_from_container",
     "list_recipes",
+    "load_composed",
     "load_recipe",
     "recipes_root",
     "resolve_recipe_path",

@@ -97,6 +97,8 @@ class LoggingConfig:
     wandb_project: str = "titans-train"
     # Empty: the run name.
     wandb_name: str = ""
+    # Runs sharing a group are shown together in wandb (a scaling study sets its name). Empty: none.
+    wandb_group: str = ""
     # Console + metrics.jsonl every `interval` steps.
     interval: int = 10
     # Per-layer Titans telemetry (mean theta/eta/alpha, memory-update norm) every N steps (0: off).

@@ -54,6 +54,7 @@ class RunLogger:
         return wandb.init(
             project=config.logging.wandb_project,
             name=config.logging.wandb_name,
+            group=config.logging.wandb_group or None,
             dir=str(self.run_dir),
             mode=config.logging.wandb_mode,
             config=resolved_config,
