@@ -1,0 +1,173 @@
+"""`titans-train slurm submit|status|cancel`: SLURM jobs of a recipe, by run directory.
+
+submit: validates the recipe for the job's world size (nodes x gpus-per-node; tp x sp must divide
+it), renders the batch script into `<run_dir>/slurm/`, and calls sbatch (`--dry-run`: prints the
+script, submits nothing). With `--sweep FILE` (one override set per line) it submits one array job
+`--array=0-(n-1)%k`, task i training into `<run_dir>/<i:03d>`. Job ids are appended to
+`<run_dir>/slurm/jobs`, which is how status and cancel find them.
+Exit codes: 0 submitted, 2 a user error (one line naming the option and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from titans_train.config import ConfigError, load_recipe
+from titans_train.config.errors import InvalidValueError
+from titans_train.slurm.render import JobShape, render_job
+from titans_train.slurm.settings import LAUNCHERS, load_settings
+
+EXIT_USER_ERROR = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="slurm_command", metavar="ACTION", required=True)
+    submit = commands.add_parser("submit", help="render the batch script of a recipe and sbatch it")
+    submit.add_argument("recipe", help="a recipe name (`titans-train config list`) or a YAML path")
+    submit.add_argument("overrides", nargs="*", help="key=value overrides")
+    submit.add_argument("--nodes", type=int, required=True)
+    submit.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= trainer processes) per node")
+    submit.add_argument("--cluster", default=None, help="cluster settings YAML (default: $TITANS_TRAIN_CLUSTER)")
+    for option in ("partition", "account", "time", "qos"):
+        submit.add_argument(f"--{option}", default=None, help="overrides the cluster settings")
+    submit.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                        help="srun: a task per GPU; torchrun: a task per node (default: cluster settings, else srun)")
+    submit.add_argument("--sweep", default=None, help="file of override sets, one run per line (# comments)")
+    submit.add_argument("--max-parallel", type=int, default=0, help="sweep tasks running at once (default: all)")
+    submit.add_argument("--job-name", default=None, help="default: the run name")
+    submit.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    for name, help_text in (("status", "show the queued/running jobs of a run"), ("cancel", "cancel the jobs of a run")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("target", help="a run directory (its slurm/jobs file) or a job id")
+
+
+def _fail(message: str) -> int:
+    print(f"titans-train slurm: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def read_sweep(path: str) -> list[list[str]]:
+    """Override sets, one per non-blank, non-comment line (shell words: quote values with spaces)."""
+    if not os.path.isfile(path):
+        raise InvalidValueError("--sweep", f"{path} does not exist; pass a file with one line of key=value overrides per run")
+    sets = []
+    for line in Path(path).read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            sets.append(words)
+    if not sets:
+        raise InvalidValueError("--sweep", f"{path} holds no override set; write one line of key=value overrides per run")
+    return sets
+
+
+def _recipe_argument(recipe: str) -> str:
+    """Recipe paths become absolute (the job may start in another directory); names stay names."""
+    return os.path.abspath(recipe) if os.path.exists(recipe) else recipe
+
+
+def _submit(args: argparse.Namespace) -> int:
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise InvalidValueError("--nodes/--gpus-per-node", "must be >= 1")
+    settings = load_settings(args.cluster)
+    for option in ("partition", "account", "time", "qos", "launcher"):
+        if getattr(args, option):
+            setattr(settings, option, getattr(args, option))
+    shape = JobShape(args.nodes, args.gpus_per_node)
+    where = f" (--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} = world size {shape.world_size})"
+    try:
+        config = load_recipe(args.recipe, args.overrides, world_size=shape.world_size)
+        sweep_sets = read_sweep(args.sweep) if args.sweep else None
+        for index, overrides in enumerate(sweep_sets or []):
+            try:
+                load_recipe(args.recipe, [*args.overrides, *overrides], world_size=shape.world_size)
+            except ConfigError as error:
+                raise InvalidValueError(f"--sweep {args.sweep} set {index}", str(error)) from None
+    except ConfigError as error:
+        return _fail(f"{error}{where}")
+    if not args.dry_run and shutil.which("sbatch") is None:
+        return _fail("sbatch is not on PATH: run `titans-train slurm submit` on a SLURM login node "
+                     "(or load SLURM's module), or pass --dry-run to only print the script")
+    run_dir = Path(config.run_dir).absolute()
+    slurm_dir = run_dir / "slurm"
+    train_args = [_recipe_argument(args.recipe), *args.overrides]
+    sweep = None
+    if sweep_sets is None:
+        train_args.append(f"run_dir={run_dir}")
+        output = str(run_dir / "slurm-%j.out")
+        script_name = "train.sbatch"
+    else:
+        sweep_file = slurm_dir / "sweep.txt"
+        sweep = (str(sweep_file), len(sweep_sets), args.max_parallel or len(sweep_sets))
+        output = str(run_dir / "slurm-%A_%a.out")
+        script_name = "sweep.sbatch"
+    script = render_job(settings, shape, job_name=args.job_name or config.name, train_args=train_args,
+                        output=output, python=sys.executable, sweep=sweep)
+    if args.dry_run:
+        print(script)
+        return 0
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    if sweep_sets is not None:
+        lines = [shlex.join([*overrides, f"run_dir={run_dir / f'{index:03d}'}"]) for index, overrides in enumerate(sweep_sets)]
+        _write_atomic(slurm_dir / "sweep.txt", "\n".join(lines) + "\n")
+    script_path = slurm_dir / script_name
+    _write_atomic(script_path, script)
+    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return _fail(f"sbatch refused {script_path}: {result.stderr.strip()}")
+    job_id = result.stdout.strip().split(";")[0]
+    with open(slurm_dir / "jobs", "a") as jobs:
+        jobs.write(job_id + "\n")
+    print(f"submitted job {job_id}: {run_dir} (log {output.replace('%j', job_id).replace('%A', job_id)})")
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def job_ids(target: str) -> list[str]:
+    """The job ids recorded for a run directory, or the id itself."""
+    jobs_file = Path(target) / "slurm" / "jobs"
+    if jobs_file.is_file():
+        return jobs_file.read_text().split()
+    if target.split("_")[0].isdigit():
+        return [target]
+    raise InvalidValueError("target", f"{target} is neither a job id nor a run directory submitted with "
+                                      "`titans-train slurm submit` (no slurm/jobs file in it)")
+
+
+def _status(args: argparse.Namespace) -> int:
+    ids = job_ids(args.target)
+    result = subprocess.run(["squeue", "-j", ",".join(ids), "-o", "%.18i %.9T %.10M %.6D %R"],
+                            capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if len(lines) <= 1:
+        print(f"no job of {args.target} is queued or running (jobs {', '.join(ids)}); see its slurm-*.out logs")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    ids = job_ids(args.target)
+    subprocess.run(["scancel", *ids], check=False)
+    print(f"cancelled {', '.join(ids)}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    action = {"submit": _submit, "status": _status, "cancel": _cancel}[args.slurm_command]
+    try:
+        return action(args)
+    except ConfigError as error:
+        return _fail(str(error))
+    except FileNotFoundError as error:  # squeue/scancel missing
+        return _fail(f"{error.filename} is not on PATH: run this on a SLURM login node")
