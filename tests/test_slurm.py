@@ -73,6 +73,13 @@ def assert_losses_equal(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= RELATIVE_TOLERANCE * abs(b), f"step {step}: {a} != {b}"
 
 
+def test_nodelist_expansion_matches_scontrol(slurm_cluster):
+    from titans_train.slurm.environment import expand_nodelist
+
+    nodelist = "a[1-3,10],b-x[007-009],c"
+    assert expand_nodelist(nodelist) == slurm_cluster.run("scontrol", "show", "hostnames", nodelist).stdout.split()
+
+
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_two_node_job_matches_one_process(slurm_cluster, tmp_path, reference_losses, launcher):
     run_dir = tmp_path / "run"
