@@ -20,7 +20,7 @@ from pathlib import Path
 
 from titans_train.config import ConfigError, load_recipe
 from titans_train.config.errors import InvalidValueError
-from titans_train.slurm.render import JobShape, render_job
+from titans_train.slurm.render import JobShape, render_job, render_prepare
 from titans_train.slurm.settings import LAUNCHERS, load_settings
 
 EXIT_USER_ERROR = 2
@@ -42,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--max-parallel", type=int, default=0, help="sweep tasks running at once (default: all)")
     submit.add_argument("--job-name", default=None, help="default: the run name")
     submit.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    prepare = commands.add_parser("prepare", help="data prepare as SLURM arrays: tokenize, shards, then merge")
+    from titans_train.data.cli import add_prepare_arguments
+
+    add_prepare_arguments(prepare)
+    prepare.add_argument("--tasks", type=int, required=True, help="array tasks for the tokenize and shards stages")
+    prepare.add_argument("--max-parallel", type=int, default=0, help="tasks running at once (default: all)")
+    prepare.add_argument("--cluster", default=None, help="cluster settings YAML (default: $TITANS_TRAIN_CLUSTER)")
+    for option in ("partition", "account", "time", "qos"):
+        prepare.add_argument(f"--{option}", default=None, help="overrides the cluster settings")
+    prepare.add_argument("--job-name", default="titans-prepare")
+    prepare.add_argument("--dry-run", action="store_true", help="print the script and the sbatch calls; submit nothing")
     for name, help_text in (("status", "show the queued/running jobs of a run"), ("cancel", "cancel the jobs of a run")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("target", help="a run directory (its slurm/jobs file) or a job id")
@@ -74,10 +85,7 @@ def _recipe_argument(recipe: str) -> str:
 def _submit(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise InvalidValueError("--nodes/--gpus-per-node", "must be >= 1")
-    settings = load_settings(args.cluster)
-    for option in ("partition", "account", "time", "qos", "launcher"):
-        if getattr(args, option):
-            setattr(settings, option, getattr(args, option))
+    settings = _settings(args)
     shape = JobShape(args.nodes, args.gpus_per_node)
     where = f" (--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} = world size {shape.world_size})"
     try:
@@ -117,13 +125,63 @@ def _submit(args: argparse.Namespace) -> int:
         _write_atomic(slurm_dir / "sweep.txt", "\n".join(lines) + "\n")
     script_path = slurm_dir / script_name
     _write_atomic(script_path, script)
-    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        return _fail(f"sbatch refused {script_path}: {result.stderr.strip()}")
-    job_id = result.stdout.strip().split(";")[0]
+    job_id = _sbatch(str(script_path))
     with open(slurm_dir / "jobs", "a") as jobs:
         jobs.write(job_id + "\n")
     print(f"submitted job {job_id}: {run_dir} (log {output.replace('%j', job_id).replace('%A', job_id)})")
+    return 0
+
+
+def _settings(args: argparse.Namespace):
+    settings = load_settings(args.cluster)
+    for option in ("partition", "account", "time", "qos", "launcher"):
+        if getattr(args, option, None):
+            setattr(settings, option, getattr(args, option))
+    return settings
+
+
+def _sbatch(*arguments: str) -> str:
+    result = subprocess.run(["sbatch", "--parsable", *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise InvalidValueError("sbatch", f"refused {' '.join(arguments)}: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if args.tasks < 1:
+        raise InvalidValueError("--tasks", f"{args.tasks} must be >= 1")
+    settings = _settings(args)
+    if not args.dry_run and shutil.which("sbatch") is None:
+        return _fail("sbatch is not on PATH: run `titans-train slurm prepare` on a SLURM login node, or pass --dry-run")
+    output_dir = Path(args.output).absolute()
+    prepare_args = [*(os.path.abspath(i) if os.path.exists(i) else i for i in args.inputs), "-o", str(output_dir),
+                    "--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len), "--text-field", args.text_field,
+                    "--seed", str(args.seed), "--shard-mb", str(args.shard_mb), "--quiet"]
+    if args.eos_token:
+        prepare_args += ["--eos-token", args.eos_token]
+    if args.workers:
+        prepare_args += ["--workers", str(args.workers)]
+    if args.overwrite:
+        prepare_args.append("--overwrite")
+    slurm_dir = output_dir.parent / f"{output_dir.name}.slurm"
+    script = render_prepare(settings, job_name=args.job_name, prepare_args=prepare_args, num_tasks=args.tasks,
+                            output=str(slurm_dir / "prepare-%A_%a.out"), python=sys.executable)
+    array = f"--array=0-{args.tasks - 1}%{args.max_parallel or args.tasks}"
+    script_path = slurm_dir / "prepare.sbatch"
+    if args.dry_run:
+        print(script)
+        print(f"# sbatch {array} {script_path} tokenize; sbatch {array} --dependency=afterok:<that> ... shards; "
+              f"sbatch --dependency=afterok:<that> ... merge")
+        return 0
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(script_path, script)
+    tokenize = _sbatch(array, str(script_path), "tokenize")
+    shards = _sbatch(array, f"--dependency=afterok:{tokenize}", "--kill-on-invalid-dep=yes", str(script_path), "shards")
+    merge = _sbatch(f"--dependency=afterok:{shards}", "--kill-on-invalid-dep=yes", str(script_path), "merge")
+    with open(slurm_dir / "jobs", "a") as jobs:
+        jobs.write(f"{tokenize}\n{shards}\n{merge}\n")
+    print(f"submitted prepare of {output_dir}: tokenize {tokenize}, shards {shards}, merge {merge} "
+          f"(logs {slurm_dir}/prepare-*.out; `titans-train slurm status {slurm_dir.parent / slurm_dir.name}`)")
     return 0
 
 
@@ -135,9 +193,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def job_ids(target: str) -> list[str]:
     """The job ids recorded for a run directory, or the id itself."""
-    jobs_file = Path(target) / "slurm" / "jobs"
-    if jobs_file.is_file():
-        return jobs_file.read_text().split()
+    for jobs_file in (Path(target) / "slurm" / "jobs", Path(target) / "jobs"):
+        if jobs_file.is_file():
+            return jobs_file.read_text().split()
     if target.split("_")[0].isdigit():
         return [target]
     raise InvalidValueError("target", f"{target} is neither a job id nor a run directory submitted with "
@@ -164,7 +222,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    action = {"submit": _submit, "status": _status, "cancel": _cancel}[args.slurm_command]
+    action = {"submit": _submit, "prepare": _prepare, "status": _status, "cancel": _cancel}[args.slurm_command]
     try:
         return action(args)
     except ConfigError as error:

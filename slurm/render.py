@@ -50,17 +50,35 @@ def _step_command(settings: ClusterSettings, shape: JobShape) -> str:
     return f'STEP=(srun --kill-on-bad-exit=0 {prefix}"$PYTHON" -m titans_train train "${{TRAIN_ARGS[@]}}")'
 
 
-def _sbatch_lines(settings: ClusterSettings, shape: JobShape) -> list[str]:
+def _sbatch_lines(settings: ClusterSettings, shape: JobShape | None) -> list[str]:
+    """#SBATCH lines of the settings; GPUs only for a training shape (data preparation needs none)."""
     options = []
     for option in ("partition", "account", "qos", "time"):
         if getattr(settings, option):
             options.append(f"--{option}={getattr(settings, option)}")
-    if settings.request_gpus:
+    if settings.request_gpus and shape is not None:
         options.append(f"--gpus-per-node={shape.gpus_per_node}")
     if settings.cpus_per_task:
         options.append(f"--cpus-per-task={settings.cpus_per_task}")
     options += settings.sbatch_options
     return [f"#SBATCH {option}" for option in options]
+
+
+def _env_lines(settings: ClusterSettings) -> str:
+    return "\n".join(f"export {key}={shlex.quote(str(value))}" for key, value in settings.env.items())
+
+
+def render_prepare(settings: ClusterSettings, *, job_name: str, prepare_args: list[str], num_tasks: int, output: str,
+                   python: str) -> str:
+    """The data-preparation script; its first argument is the stage (tokenize, shards, merge)."""
+    container = settings.container.strip()
+    return fill(template_text("prepare.sbatch"), {
+        "job_name": job_name, "output": output, "num_tasks": num_tasks,
+        "sbatch_lines": "\n".join(_sbatch_lines(settings, None)),
+        "setup_lines": "\n".join(settings.setup), "env_lines": _env_lines(settings),
+        "container": f"{container} " if container else "", "python": shlex.quote(settings.python or python),
+        "prepare_args": shlex.join(prepare_args),
+    })
 
 
 def render_job(settings: ClusterSettings, shape: JobShape, *, job_name: str, train_args: list[str], output: str,
@@ -70,7 +88,7 @@ def render_job(settings: ClusterSettings, shape: JobShape, *, job_name: str, tra
     launch = fill(template_text("launch.sh"), {
         "python": shlex.quote(settings.python or python),
         "max_requeues": settings.max_requeues,
-        "env_lines": "\n".join(f"export {key}={shlex.quote(str(value))}" for key, value in settings.env.items()),
+        "env_lines": _env_lines(settings),
         "step_command": _step_command(settings, shape),
     })
     values = {

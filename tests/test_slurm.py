@@ -187,3 +187,24 @@ def test_sweep_array_runs_each_set_in_its_own_directory(slurm_cluster, tmp_path)
         assert [s for s, _ in step_losses(run_dir)] == [1, 2, 3]
         configs.append((run_dir / "config.yaml").read_text())
     assert "lr: 0.001" in configs[0] and "lr: 0.003" in configs[1] and "seed: 1" in configs[1]
+
+
+def test_prepare_as_two_task_arrays_equals_one_prepare(slurm_cluster, tmp_path):
+    from test_slurm_units import _corpus, _dataset_files
+    from titans_train.data.prepare import prepare_dataset
+
+    inputs = _corpus(tmp_path / "corpus")
+    single = prepare_dataset(inputs, str(tmp_path / "single"), "byte", 32, seed=5, shard_bytes=8192, num_workers=1,
+                             progress=False)
+    command = [sys.executable, "-m", "titans_train", "slurm", "prepare", *inputs, "-o", str(tmp_path / "split"),
+               "--seq-len", "32", "--seed", "5", "--shard-mb", str(8192 / 2**20), "--workers", "1", "--tasks", "2",
+               "--cluster", str(_cluster_file(tmp_path))]
+    result = subprocess.run(command, env=_environment(slurm_cluster), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    merge = result.stdout.split("merge ")[1].split()[0]
+    state = slurm_cluster.wait_for_job(merge, JOB_TIMEOUT)
+    logs_text = "\n".join(p.read_text() for p in (tmp_path / "split.slurm").glob("*.out"))
+    assert state["JobState"] == "COMPLETED", logs_text
+    assert "task 1 of 2 done" in logs_text and "task 0 of 2 done" in logs_text
+    assert _dataset_files(tmp_path / "split") == _dataset_files(tmp_path / "single")
+    assert json.loads((tmp_path / "split" / "manifest.json").read_text())["fingerprint"] == single.fingerprint

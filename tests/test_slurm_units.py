@@ -132,3 +132,45 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
                  "--nproc-per-node 4 -- train"):
         assert line in script
     assert "train.lr=1e-3" in script and not (tmp_path / "runs").exists()
+
+
+def _corpus(root) -> list[str]:
+    """Files of unequal sizes, so the byte-balanced slices and sample boundaries cross files."""
+    import random
+
+    generator = random.Random(0)
+    root.mkdir()
+    for index in range(7):
+        words = [generator.choice(["memory", "titan", "surprise", "token", "gate", "chunk"]) for _ in range(150 * (index + 1))]
+        (root / f"doc{index}.txt").write_text(" ".join(words))
+    return [str(root)]
+
+
+def _dataset_files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_prepare_stages_over_tasks_equal_one_prepare(tmp_path):
+    from titans_train.data.prepare import prepare_dataset, prepare_stage
+
+    inputs = _corpus(tmp_path / "corpus")
+    options = dict(seed=3, shard_bytes=8192, num_workers=1, progress=False)
+    single = prepare_dataset(inputs, str(tmp_path / "single"), "byte", 32, **options)
+    for stage in ("tokenize", "shards"):
+        for task in (1, 0, 2):  # any order within a stage
+            assert prepare_stage(stage, task, 3, inputs, str(tmp_path / "split"), "byte", 32, **options) is None
+    merged = prepare_stage("merge", 0, 3, inputs, str(tmp_path / "split"), "byte", 32, **options)
+    assert len(single.shards) > 3 and merged == single
+    assert _dataset_files(tmp_path / "split") == _dataset_files(tmp_path / "single")
+
+
+def test_prepare_merge_before_the_shards_stage_names_the_fix(tmp_path):
+    from titans_train.data.errors import DataError
+    from titans_train.data.prepare import prepare_stage
+
+    inputs = _corpus(tmp_path / "corpus")
+    with pytest.raises(DataError, match="run every task of --stage tokenize first"):
+        prepare_stage("shards", 0, 2, inputs, str(tmp_path / "out"), "byte", 32, num_workers=1, progress=False)
+    prepare_stage("tokenize", 0, 1, inputs, str(tmp_path / "out"), "byte", 32, num_workers=1, progress=False)
+    with pytest.raises(DataError, match="run every task of --stage shards first"):
+        prepare_stage("merge", 0, 1, inputs, str(tmp_path / "out"), "byte", 32, num_workers=1, progress=False)
