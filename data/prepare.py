@@ -11,6 +11,10 @@ Stages, each restartable (an interrupted run is simply run again):
 4. write `manifest.json` last, atomically, then remove the work directory.
 A directory without a manifest is never read as a dataset, so no half-written state is visible.
 
+`prepare_stage` runs the same stages split over array tasks (tokenize: a slice of the files per
+task; shards: a part of the shards per task; merge: the manifest), giving the identical dataset;
+`titans-train slurm prepare` submits them (docs/slurm.md).
+
 Scaling: the sample permutation is held in memory (8 bytes per sample) and the token stream is
 memory-mapped from disk; prepare corpora beyond ~10^9 samples in parts and mix them in the loader.
 """
