@@ -1,7 +1,8 @@
 """From SLURM's variables to torch.distributed's, for the two launch modes in common use.
 
 - One task per GPU (`srun` starts every rank): RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID,
-  WORLD_SIZE = SLURM_NTASKS, LOCAL_WORLD_SIZE = tasks on this node, MASTER_ADDR = the first host of
+  WORLD_SIZE = the step's task count (SLURM_STEP_NUM_TASKS, else SLURM_NTASKS), LOCAL_WORLD_SIZE =
+  tasks on this node, MASTER_ADDR = the first host of
   SLURM_JOB_NODELIST, MASTER_PORT derived from the job id (every task computes the same one, and
   jobs sharing a node rarely collide). `torch_environment` computes them; `init_distributed`
   applies them when a process runs under srun without a launcher's RANK.
@@ -76,9 +77,9 @@ def job_port(job_id: str | int) -> int:
 
 
 def _tasks_on_this_node(environ: Mapping[str, str]) -> int:
-    """SLURM_TASKS_PER_NODE ("2(x3),1") at this node's index SLURM_NODEID."""
+    """SLURM_STEP_TASKS_PER_NODE (else the job's SLURM_TASKS_PER_NODE), "2(x3),1", at SLURM_NODEID."""
     counts: list[int] = []
-    for item in environ["SLURM_TASKS_PER_NODE"].split(","):
+    for item in (environ.get("SLURM_STEP_TASKS_PER_NODE") or environ["SLURM_TASKS_PER_NODE"]).split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item)
         if not match:
             raise SlurmEnvironmentError(f"SLURM_TASKS_PER_NODE: cannot read {item!r}")
@@ -108,7 +109,7 @@ def torch_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]
     return {
         "RANK": environ["SLURM_PROCID"],
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "WORLD_SIZE": environ["SLURM_NTASKS"],
+        "WORLD_SIZE": environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"],
         "LOCAL_WORLD_SIZE": str(_tasks_on_this_node(environ)),
         "GROUP_RANK": environ.get("SLURM_NODEID", "0"),
         "MASTER_ADDR": environ.get("MASTER_ADDR", host),

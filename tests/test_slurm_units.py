@@ -46,6 +46,11 @@ def test_srun_task_gets_the_torch_variables():
     assert 20000 <= job_port(123456) < 40000
 
 
+def test_a_step_smaller_than_the_job_uses_the_step_counts():
+    env = {**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "1(x4)"}
+    assert torch_environment(env)["WORLD_SIZE"] == "4" and torch_environment(env)["LOCAL_WORLD_SIZE"] == "1"
+
+
 def test_uneven_tasks_per_node():
     env = {**SRUN_TASK, "SLURM_TASKS_PER_NODE": "4,2(x2),1", "SLURM_NODEID": "3"}
     assert torch_environment(env)["LOCAL_WORLD_SIZE"] == "1"
