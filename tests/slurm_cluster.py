@@ -227,17 +227,22 @@ class _Pidfile:
 _CLUSTER: list[SlurmCluster] = []
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """The running test cluster (started on first use, stopped when the session ends)."""
-    in_ci = os.environ.get("CI", "").lower() == "true"
+def require_slurm() -> None:
+    """Return if a test SLURM can be started here; else fail (CI=true) or skip with the hint."""
     problem = _ensure_packages()
     if problem is None and os.geteuid() != 0:
         problem = "starting slurmctld/slurmd for tests needs root"
-    if problem is not None:
-        if in_ci:
-            pytest.fail(f"CI=true but no test SLURM: {problem}")
-        pytest.skip(ENABLE_HINT)
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but no test SLURM: {problem}")
+    pytest.skip(ENABLE_HINT)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The running test cluster (started on first use, stopped when the session ends)."""
+    require_slurm()
     started = not _CLUSTER
     if started:
         _CLUSTER.append(start_cluster())

@@ -179,3 +179,16 @@ def test_prepare_merge_before_the_shards_stage_names_the_fix(tmp_path):
     prepare_stage("tokenize", 0, 1, inputs, str(tmp_path / "out"), "byte", 32, num_workers=1, progress=False)
     with pytest.raises(DataError, match="run every task of --stage shards first"):
         prepare_stage("merge", 0, 1, inputs, str(tmp_path / "out"), "byte", 32, num_workers=1, progress=False)
+
+
+@pytest.mark.parametrize("ci, outcome", [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
+def test_no_slurm_skips_with_a_hint_or_fails_under_ci(monkeypatch, ci, outcome):
+    import slurm_cluster
+
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(outcome) as raised:
+        slurm_cluster.require_slurm()
+    message = str(raised.value)
+    assert ("run pytest as root to enable them" in message) if not ci else ("CI=true but no test SLURM" in message)
