@@ -5,7 +5,8 @@ it), renders the batch script into `<run_dir>/slurm/`, and calls sbatch (`--dry-
 script, submits nothing). With `--sweep FILE` (one override set per line) it submits one array job
 `--array=0-(n-1)%k`, task i training into `<run_dir>/<i:03d>`. Job ids are appended to
 `<run_dir>/slurm/jobs`, which is how status and cancel find them.
-Exit codes: 0 submitted, 2 a user error (one line naming the option and the fix).
+Exit codes: 0 submitted, 2 a user error (`SlurmError`/`ConfigError`, printed on one line by the
+CLI, naming the option and the fix).
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from pathlib import Path
 
 from titans_train.config import ConfigError, load_recipe
 from titans_train.config.errors import InvalidValueError
+from titans_train.errors import UserError
 from titans_train.slurm.render import JobShape, render_job, render_prepare
 from titans_train.slurm.settings import LAUNCHERS, load_settings
 
-EXIT_USER_ERROR = 2
+
+
+class SlurmError(UserError):
+    """A submission that cannot go ahead (SLURM's tools missing, sbatch refusing)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in (("status", "show the queued/running jobs of a run"), ("cancel", "cancel the jobs of a run")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("target", help="a run directory (its slurm/jobs file) or a job id")
-
-
-def _fail(message: str) -> int:
-    print(f"titans-train slurm: error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
 
 
 def read_sweep(path: str) -> list[list[str]]:
@@ -97,10 +97,8 @@ def _submit(args: argparse.Namespace) -> int:
             except ConfigError as error:
                 raise InvalidValueError(f"--sweep {args.sweep} set {index}", str(error)) from None
     except ConfigError as error:
-        return _fail(f"{error}{where}")
-    if not args.dry_run and shutil.which("sbatch") is None:
-        return _fail("sbatch is not on PATH: run `titans-train slurm submit` on a SLURM login node "
-                     "(or load SLURM's module), or pass --dry-run to only print the script")
+        raise ConfigError(error.key, f"{error.reason}{where}") from None
+    _require_sbatch(args)
     run_dir = Path(config.run_dir).absolute()
     slurm_dir = run_dir / "slurm"
     train_args = [_recipe_argument(args.recipe), *args.overrides]
@@ -140,10 +138,16 @@ def _settings(args: argparse.Namespace):
     return settings
 
 
+def _require_sbatch(args: argparse.Namespace) -> None:
+    if not args.dry_run and shutil.which("sbatch") is None:
+        raise SlurmError(f"sbatch is not on PATH: run `titans-train slurm {args.slurm_command}` on a SLURM login node "
+                         "(or load SLURM's module), or pass --dry-run to only print the script")
+
+
 def _sbatch(*arguments: str) -> str:
     result = subprocess.run(["sbatch", "--parsable", *arguments], capture_output=True, text=True)
     if result.returncode != 0:
-        raise InvalidValueError("sbatch", f"refused {' '.join(arguments)}: {result.stderr.strip()}")
+        raise SlurmError(f"sbatch refused {' '.join(arguments)}: {' '.join(result.stderr.split())}")
     return result.stdout.strip().split(";")[0]
 
 
@@ -151,8 +155,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.tasks < 1:
         raise InvalidValueError("--tasks", f"{args.tasks} must be >= 1")
     settings = _settings(args)
-    if not args.dry_run and shutil.which("sbatch") is None:
-        return _fail("sbatch is not on PATH: run `titans-train slurm prepare` on a SLURM login node, or pass --dry-run")
+    _require_sbatch(args)
     output_dir = Path(args.output).absolute()
     prepare_args = [*(os.path.abspath(i) if os.path.exists(i) else i for i in args.inputs), "-o", str(output_dir),
                     "--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len), "--text-field", args.text_field,
@@ -225,7 +228,5 @@ def run(args: argparse.Namespace) -> int:
     action = {"submit": _submit, "prepare": _prepare, "status": _status, "cancel": _cancel}[args.slurm_command]
     try:
         return action(args)
-    except ConfigError as error:
-        return _fail(str(error))
     except FileNotFoundError as error:  # squeue/scancel missing
-        return _fail(f"{error.filename} is not on PATH: run this on a SLURM login node")
+        raise SlurmError(f"{error.filename} is not on PATH: run this on a SLURM login node") from None

@@ -19,11 +19,13 @@ import os
 import re
 from collections.abc import Mapping
 
+from titans_train.errors import UserError
+
 PORT_BASE = 20000
 PORT_RANGE = 20000  # ports 20000..39999: above the well-known range, below Linux's ephemeral range
 
 
-class SlurmEnvironmentError(RuntimeError):
+class SlurmEnvironmentError(UserError):
     """SLURM variables that do not describe a usable job step."""
 
 

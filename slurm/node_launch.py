@@ -18,10 +18,11 @@ import os
 import signal
 import sys
 
+from titans_train.errors import EXIT_DIVERGED, EXIT_REQUEUE, EXIT_USER_ERROR
 from titans_train.slurm.environment import rendezvous_endpoint
 
-# Exit codes that must reach the batch script, most decisive first (see titans_train/train/cli.py).
-PRIORITY = (2, 3, 75)
+# Exit codes that must reach the batch script, most decisive first.
+PRIORITY = (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_REQUEUE)
 
 
 def _child_pids() -> list[int]:
