@@ -61,7 +61,10 @@ def load_settings(path: str | None) -> ClusterSettings:
     if not os.path.isfile(path):
         raise InvalidValueError("--cluster", f"{path} does not exist; pass a cluster settings YAML file "
                                              "(see slurm/cluster.example.yaml)")
-    user = OmegaConf.load(path)
+    try:
+        user = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax: duplicate keys, bad indentation
+        raise InvalidValueError("--cluster", f"{path} is not valid YAML ({' '.join(str(error).split())}); fix the file") from None
     known = [f.name for f in fields(ClusterSettings)]
     for key in user:
         if key not in known:

@@ -28,8 +28,8 @@ def _environment(cluster) -> dict[str, str]:
 
 def _cluster_file(tmp_path: Path, **extra) -> Path:
     """The CPU nodes' settings: no GPUs to request, one CPU per task, a short signal grace."""
-    lines = ["request_gpus: false", "cpus_per_task: 1", "max_requeues: 3", "signal_grace_seconds: 30"]
-    lines += [f"{key}: {json.dumps(value)}" for key, value in extra.items()]
+    settings = {"request_gpus": False, "cpus_per_task": 1, "max_requeues": 3, "signal_grace_seconds": 30, **extra}
+    lines = [f"{key}: {json.dumps(value)}" for key, value in settings.items()]
     path = tmp_path / "cluster.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -208,3 +208,30 @@ def test_prepare_as_two_task_arrays_equals_one_prepare(slurm_cluster, tmp_path):
     assert "task 1 of 2 done" in logs_text and "task 0 of 2 done" in logs_text
     assert _dataset_files(tmp_path / "split") == _dataset_files(tmp_path / "single")
     assert json.loads((tmp_path / "split" / "manifest.json").read_text())["fingerprint"] == single.fingerprint
+
+
+def test_requeues_are_bounded(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = job_id_of(submit(slurm_cluster, tmp_path, "debug", f"train.steps={STEPS}", f"run_dir={run_dir}",
+                              "--nodes", "1", "--gpus-per-node", "1",
+                              "--cluster", str(_cluster_file(tmp_path, max_requeues=0))))
+    _wait_for_step(run_dir, 1, job_id, slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    state = _final_state_without_requeue(slurm_cluster, job_id)
+    assert state["ExitCode"] == "75:0" and state["Restarts"] == "0", logs(run_dir)
+    assert "0 requeues are used up: not requeued" in logs(run_dir)
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_status_and_cancel_find_the_jobs_of_a_run_directory(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = job_id_of(submit(slurm_cluster, tmp_path, "debug", f"run_dir={run_dir}", "--nodes", "1",
+                              "--gpus-per-node", "1", "--cluster", str(_cluster_file(tmp_path, sbatch_options=["--hold"]))))
+    command = [sys.executable, "-m", "titans_train", "slurm"]
+    status = subprocess.run([*command, "status", str(run_dir)], env=_environment(slurm_cluster), capture_output=True,
+                            text=True, timeout=60)
+    assert job_id in status.stdout and "PENDING" in status.stdout, status.stderr
+    cancel = subprocess.run([*command, "cancel", str(run_dir)], env=_environment(slurm_cluster), capture_output=True,
+                            text=True, timeout=60)
+    assert cancel.returncode == 0, cancel.stderr
+    assert slurm_cluster.wait_for_job(job_id, 60)["JobState"] == "CANCELLED"

@@ -192,3 +192,11 @@ def test_no_slurm_skips_with_a_hint_or_fails_under_ci(monkeypatch, ci, outcome):
         slurm_cluster.require_slurm()
     message = str(raised.value)
     assert ("run pytest as root to enable them" in message) if not ci else ("CI=true but no test SLURM" in message)
+
+
+def test_cluster_settings_that_are_not_yaml(tmp_path):
+    settings = tmp_path / "cluster.yaml"
+    settings.write_text("partition: a\npartition: b\n")
+    line = _one_line_error(_submit(tmp_path, "debug", "--nodes", "1", "--gpus-per-node", "1", "--cluster", str(settings),
+                                   "--dry-run"))
+    assert f"--cluster: {settings} is not valid YAML" in line
