@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,12 +54,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     cluster = start_cluster()
+    work = Path(tempfile.mkdtemp(prefix="titans-slurm-bench-"))
     try:
-        work = Path(tempfile.mkdtemp(prefix="titans-slurm-bench-"))
         settings = work / "cluster.yaml"
         settings.write_text("request_gpus: false\ncpus_per_task: 1\n")
         run_dir = work / "run"
-        env = {**__import__("os").environ, **cluster.env, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **cluster.env, "OMP_NUM_THREADS": "1"}
         submitted = time.time()
         out = subprocess.run([sys.executable, "-m", "titans_train", "slurm", "submit", "debug", f"train.steps={args.steps}",
                               f"run_dir={run_dir}", "--nodes", "2", "--gpus-per-node", "1", "--launcher", args.launcher,
@@ -78,6 +80,7 @@ def main() -> None:
         cluster.wait_for_job(job, 600)
     finally:
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
