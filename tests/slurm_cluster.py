@@ -29,6 +29,11 @@ NODES = ("ttnode1", "ttnode2")
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 HOSTS_MARK = "# titans-train test SLURM"
+# SLURM holds a requeued job back for the credential lifetime (AuthInfo cred_expire, default
+# 120 s) so the old run's credentials have expired on the nodes; shortened here so the
+# preemption drill requeues in seconds. Shorter is riskier on a loaded machine (a step's
+# credential must outlive its launch).
+CRED_EXPIRE_SECONDS = 10
 ENABLE_HINT = ("real-SLURM tests need root (to install slurmd slurmctld slurm-client munge with apt-get and start "
                "them) or those packages installed and CI=true; run pytest as root to enable them")
 
@@ -63,6 +68,13 @@ class SlurmCluster:
                 self.run("scancel", job_id, check=False)
                 raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f} s: {state}")
             time.sleep(0.5)
+
+    def log_tail(self, characters: int = 3000) -> str:
+        """The end of the controller's and the nodes' logs (for failure messages)."""
+        parts = []
+        for log in sorted(self.root.glob("slurm*.log")):
+            parts.append(f"--- {log.name}\n{log.read_text()[-characters:]}")
+        return "\n".join(parts)
 
     def stop(self) -> None:
         self.run("scontrol", "shutdown", check=False, timeout=30)
@@ -128,7 +140,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_SECONDS}
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
