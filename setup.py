@@ -12,6 +12,7 @@ PACKAGE_ROOTS = {
     "titans_train.kernels": "kernels",
     "titans_train.data": "data",
     "titans_train.recipes": "recipes",
+    "titans_train.slurm": "slurm",
 }
 
 packages = []
@@ -22,5 +23,6 @@ for package, folder in PACKAGE_ROOTS.items():
 setup(
     packages=packages,
     package_dir=PACKAGE_ROOTS,
-    package_data={"titans_train.recipes": ["*.yaml", "**/*.yaml"], "": ["*.md"]},
+    package_data={"titans_train.recipes": ["*.yaml", "**/*.yaml"], "titans_train.slurm": ["templates/*", "*.yaml"],
+                  "": ["*.md"]},
 )

@@ -4,25 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from titans_train.data.errors import DataError
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to prepare and how (shared with `titans-train slurm prepare`)."""
+    parser.add_argument("inputs", nargs="+", help="files, directories or globs (.txt/.jsonl/.parquet, .gz/.zst)")
+    parser.add_argument("-o", "--output", required=True, help="output directory for shards and manifest.json")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizers JSON file (default: byte)")
+    parser.add_argument("--eos-token", default=None, help="EOS token of a JSON tokenizer (default: guessed)")
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sample, plus one for the target shift")
+    parser.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
+    parser.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB (default: 256)")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     prepare = commands.add_parser("prepare", help="tokenize a corpus into webdataset shards + manifest")
-    prepare.add_argument("inputs", nargs="+", help="files, directories or globs (.txt/.jsonl/.parquet, .gz/.zst)")
-    prepare.add_argument("-o", "--output", required=True, help="output directory for shards and manifest.json")
-    prepare.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizers JSON file (default: byte)")
-    prepare.add_argument("--eos-token", default=None, help="EOS token of a JSON tokenizer (default: guessed)")
-    prepare.add_argument("--seq-len", type=int, required=True, help="tokens per sample, plus one for the target shift")
-    prepare.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
-    prepare.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
-    prepare.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB (default: 256)")
-    prepare.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
-    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_prepare_arguments(prepare)
+    prepare.add_argument("--stage", choices=("tokenize", "shards", "merge"), default=None,
+                         help="one stage of a prepare split over --num-tasks tasks (titans-train slurm prepare); "
+                              "default: the whole prepare in this process")
+    prepare.add_argument("--task", type=int, default=None, help="this task's index (default: $SLURM_ARRAY_TASK_ID, else 0)")
+    prepare.add_argument("--num-tasks", type=int, default=1, help="tasks the stages are split over (default: 1)")
 
     train = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer (offline)")
     train.add_argument("inputs", nargs="+", help="files, directories or globs")
@@ -47,13 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.data_command == "prepare":
-        from titans_train.data.prepare import prepare_dataset
+        from titans_train.data.prepare import prepare_dataset, prepare_stage
 
-        manifest = prepare_dataset(
-            args.inputs, args.output, args.tokenizer, args.seq_len, text_field=args.text_field,
-            eos_token=args.eos_token, seed=args.seed, shard_bytes=int(args.shard_mb * 2**20),
-            num_workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
-        )
+        options = dict(text_field=args.text_field, eos_token=args.eos_token, seed=args.seed,
+                       shard_bytes=int(args.shard_mb * 2**20), num_workers=args.workers, overwrite=args.overwrite,
+                       progress=not args.quiet)
+        if args.stage is not None:
+            task = args.task if args.task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+            manifest = prepare_stage(args.stage, task, args.num_tasks, args.inputs, args.output, args.tokenizer,
+                                     args.seq_len, **options)
+            if manifest is None:
+                print(f"prepare stage {args.stage}: task {task} of {args.num_tasks} done -> {args.output}")
+                return 0
+        else:
+            manifest = prepare_dataset(args.inputs, args.output, args.tokenizer, args.seq_len, **options)
         print(f"prepared {manifest.num_samples} samples of {args.seq_len}+1 tokens in "
               f"{len(manifest.shards)} shards from {manifest.num_documents} documents "
               f"({manifest.text_bytes / 1e6:.1f} MB of text) -> {args.output}")

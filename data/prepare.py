@@ -11,12 +11,19 @@ Stages, each restartable (an interrupted run is simply run again):
 4. write `manifest.json` last, atomically, then remove the work directory.
 A directory without a manifest is never read as a dataset, so no half-written state is visible.
 
+`prepare_stage` runs the same stages split over array tasks (tokenize: a slice of the files per
+task; shards: a part of the shards per task; merge: the manifest), giving the identical dataset;
+`titans-train slurm prepare` submits them (docs/slurm.md).
+
 Scaling: the sample permutation is held in memory (8 bytes per sample) and the token stream is
 memory-mapped from disk; prepare corpora beyond ~10^9 samples in parts and mix them in the loader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -218,6 +225,115 @@ def _join_stream(sources: list[_SourceTokens], dtype: str, work_dir: str) -> tup
     return stream_file, total
 
 
+@dataclass
+class _Setup:
+    """What every stage of one prepare derives identically from its arguments."""
+
+    files: list[str]
+    tokenizer: object
+    work_dir: str
+    dtype: str
+    layout: SampleLayout
+    num_workers: int
+
+
+def _setup(inputs, output_dir: str, tokenizer: str, seq_len: int, eos_token, num_workers) -> _Setup:
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    output_prefix = os.path.join(os.path.abspath(output_dir), "")
+    # The output may sit inside an input directory: its manifest and work files are not corpus.
+    files = [f for f in expand_inputs(inputs) if not f.startswith(output_prefix)]
+    if not files:
+        raise EmptyInputError(f"inputs {inputs} hold no corpus file outside the output directory {output_dir}")
+    tokenizer_object = load_tokenizer(tokenizer, eos_token)
+    dtype = token_dtype(tokenizer_object.vocab_size)
+    return _Setup(files, tokenizer_object, os.path.join(output_dir, WORK_DIR), dtype, SampleLayout(seq_len, dtype),
+                  num_workers or os.cpu_count() or 1)
+
+
+def _start_output(output_dir: str, overwrite: bool) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    manifest_path = os.path.join(output_dir, MANIFEST_NAME)
+    if os.path.exists(manifest_path):
+        if not overwrite:
+            raise DataError(
+                f"{output_dir} already holds a prepared dataset ({manifest_path}); pass a new "
+                "directory or overwrite=True (CLI: --overwrite)"
+            )
+        # The directory stops being a dataset before anything changes (several tasks may race here).
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(manifest_path)
+    os.makedirs(os.path.join(output_dir, WORK_DIR), exist_ok=True)
+
+
+@contextlib.contextmanager
+def _worker_pool(setup: _Setup, eos_token):
+    pool = None
+    if setup.num_workers > 1:
+        # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
+        # The workers only tokenize and write files, never touch torch, so forking is safe.
+        context = multiprocessing.get_context("fork")
+        pool = _single_threaded_tokenizers(lambda: context.Pool(
+            setup.num_workers, initializer=_init_worker, initargs=(setup.tokenizer.spec, eos_token)))
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _shard_jobs(setup: _Setup, sources: list[_SourceTokens], output_dir: str, seed: int, shard_bytes: int):
+    """(every shard's write job, the plan string naming them) from the joined token stream."""
+    num_documents = sum(s.num_documents for s in sources)
+    if num_documents == 0:
+        files = setup.files
+        raise EmptyInputError(f"inputs {files[:5]}{'...' if len(files) > 5 else ''} contain no text; "
+                              "point at non-empty corpus files (or check --text-field)")
+    stream_file, num_tokens = _join_stream(sources, setup.dtype, setup.work_dir)
+    layout = setup.layout
+    num_samples = num_tokens // layout.tokens_per_sample
+    if num_samples == 0:
+        raise EmptyInputError(
+            f"the corpus has {num_tokens} tokens, fewer than one sample of seq_len + 1 = "
+            f"{layout.tokens_per_sample}; add text or lower --seq-len"
+        )
+    permutation = np.random.default_rng(seed).permutation(num_samples)
+    per_shard = max(1, shard_bytes // layout.member_bytes)
+    jobs = []
+    for shard_index, start in enumerate(range(0, num_samples, per_shard)):
+        path = os.path.join(output_dir, f"shard-{shard_index:06d}.tar")
+        jobs.append((path, stream_file, setup.dtype, permutation[start : start + per_shard], layout))
+    plan = f"{stream_file}\0{seed}\0{layout.seq_len}\0{setup.dtype}\0{per_shard}\0{num_samples}"
+    return jobs, plan
+
+
+def _finish(setup: _Setup, sources: list[_SourceTokens], shard_infos: list[ShardInfo], output_dir: str, seed: int,
+            text_field: str) -> Manifest:
+    keep = {info.file for info in shard_infos}
+    for name in os.listdir(output_dir):
+        if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
+            os.remove(os.path.join(output_dir, name))  # leftovers of an earlier, different prepare
+    tokenizer = setup.tokenizer
+    manifest = Manifest(
+        tokenizer={**tokenizer.identity.as_dict(), "vocab_size": tokenizer.vocab_size,
+                   "eos_id": tokenizer.eos_id, "spec": tokenizer.spec},
+        seq_len=setup.layout.seq_len,
+        dtype=setup.dtype,
+        shards=[info.as_dict() for info in shard_infos],
+        sources=[{"path": s.path, "documents": s.num_documents, "tokens": s.num_tokens,
+                  "text_bytes": s.text_bytes} for s in sources],
+        num_documents=sum(s.num_documents for s in sources),
+        num_tokens=sum(s.num_tokens for s in sources),
+        text_bytes=sum(s.text_bytes for s in sources),
+        shuffle_seed=seed,
+        text_field=text_field,
+    ).finalize()
+    write_manifest(output_dir, manifest)
+    shutil.rmtree(setup.work_dir, ignore_errors=True)
+    return manifest
+
+
 def prepare_dataset(
     inputs: list[str] | str,
     output_dir: str,
@@ -238,84 +354,114 @@ def prepare_dataset(
     optionally .gz/.zst compressed. num_workers: tokenizer processes (default: all cores).
     Returns the manifest, which is also written to `output_dir/manifest.json` (last).
     """
-    if seq_len < 1:
-        raise DataError(f"seq_len must be >= 1, got {seq_len}")
-    output_prefix = os.path.join(os.path.abspath(output_dir), "")
-    # The output may sit inside an input directory: its manifest and work files are not corpus.
-    files = [f for f in expand_inputs(inputs) if not f.startswith(output_prefix)]
-    if not files:
-        raise EmptyInputError(f"inputs {inputs} hold no corpus file outside the output directory {output_dir}")
-    tokenizer_object = load_tokenizer(tokenizer, eos_token)
-    os.makedirs(output_dir, exist_ok=True)
-    manifest_path = os.path.join(output_dir, MANIFEST_NAME)
-    if os.path.exists(manifest_path):
-        if not overwrite:
-            raise DataError(
-                f"{output_dir} already holds a prepared dataset ({manifest_path}); pass a new "
-                "directory or overwrite=True (CLI: --overwrite)"
-            )
-        os.remove(manifest_path)  # the directory stops being a dataset before anything changes
-    work_dir = os.path.join(output_dir, WORK_DIR)
-    os.makedirs(work_dir, exist_ok=True)
-    dtype = token_dtype(tokenizer_object.vocab_size)
-    layout = SampleLayout(seq_len, dtype)
-    num_workers = num_workers or os.cpu_count() or 1
+    setup = _setup(inputs, output_dir, tokenizer, seq_len, eos_token, num_workers)
+    _start_output(output_dir, overwrite)
+    with _worker_pool(setup, eos_token) as pool:
+        sources = _tokenize_sources(setup.files, setup.tokenizer, eos_token, text_field, setup.work_dir, pool,
+                                    setup.num_workers, progress)
+        jobs, plan = _shard_jobs(setup, sources, output_dir, seed, shard_bytes)
+        shard_infos = _write_shards(jobs, setup.work_dir, pool, progress, plan)
+    return _finish(setup, sources, shard_infos, output_dir, seed, text_field)
 
-    pool = None
-    if num_workers > 1:
-        # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
-        # The workers only tokenize and write files, never touch torch, so forking is safe.
-        context = multiprocessing.get_context("fork")
-        pool = _single_threaded_tokenizers(lambda: context.Pool(
-            num_workers, initializer=_init_worker, initargs=(tokenizer_object.spec, eos_token)))
-    try:
-        sources = _tokenize_sources(files, tokenizer_object, eos_token, text_field, work_dir, pool,
-                                    num_workers, progress)
-        num_documents = sum(s.num_documents for s in sources)
-        if num_documents == 0:
-            raise EmptyInputError(f"inputs {files[:5]}{'...' if len(files) > 5 else ''} contain no text; "
-                                  "point at non-empty corpus files (or check --text-field)")
-        stream_file, num_tokens = _join_stream(sources, dtype, work_dir)
-        num_samples = num_tokens // layout.tokens_per_sample
-        if num_samples == 0:
-            raise EmptyInputError(
-                f"the corpus has {num_tokens} tokens, fewer than one sample of seq_len + 1 = "
-                f"{layout.tokens_per_sample}; add text or lower --seq-len"
-            )
-        permutation = np.random.default_rng(seed).permutation(num_samples)
-        per_shard = max(1, shard_bytes // layout.member_bytes)
-        jobs = []
-        for shard_index, start in enumerate(range(0, num_samples, per_shard)):
-            path = os.path.join(output_dir, f"shard-{shard_index:06d}.tar")
-            jobs.append((path, stream_file, dtype, permutation[start : start + per_shard], layout))
-        plan = f"{stream_file}\0{seed}\0{seq_len}\0{dtype}\0{per_shard}\0{num_samples}"
-        shard_infos = _write_shards(jobs, work_dir, pool, progress, plan)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
-    keep = {info.file for info in shard_infos}
-    for name in os.listdir(output_dir):
-        if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
-            os.remove(os.path.join(output_dir, name))  # leftovers of an earlier, different prepare
-    manifest = Manifest(
-        tokenizer={**tokenizer_object.identity.as_dict(), "vocab_size": tokenizer_object.vocab_size,
-                   "eos_id": tokenizer_object.eos_id, "spec": tokenizer_object.spec},
-        seq_len=seq_len,
-        dtype=dtype,
-        shards=[info.as_dict() for info in shard_infos],
-        sources=[{"path": s.path, "documents": s.num_documents, "tokens": s.num_tokens,
-                  "text_bytes": s.text_bytes} for s in sources],
-        num_documents=num_documents,
-        num_tokens=num_tokens,
-        text_bytes=sum(s.text_bytes for s in sources),
-        shuffle_seed=seed,
-        text_field=text_field,
-    ).finalize()
-    write_manifest(output_dir, manifest)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return manifest
+# --- the same prepare split over an array of tasks (titans-train slurm prepare) ---------------
+STAGES = ("tokenize", "shards", "merge")
+
+
+def task_slice(items: list, task: int, num_tasks: int) -> list:
+    """Task `task`'s contiguous part of `items` (sizes differ by at most one)."""
+    return items[task * len(items) // num_tasks : (task + 1) * len(items) // num_tasks]
+
+
+def _file_slice(files: list[str], task: int, num_tasks: int) -> list[str]:
+    """Task `task`'s files: contiguous in sorted order, cut where the bytes before a file cross
+    task / num_tasks of the total, so tasks get similar amounts of text (a pure function of the
+    file list and sizes, the same on every node)."""
+    sizes = np.array([os.path.getsize(f) for f in files], dtype=np.float64)
+    starts = np.concatenate([[0.0], np.cumsum(sizes)[:-1]]) / max(sizes.sum(), 1.0)
+    owners = np.minimum((starts * num_tasks).astype(np.int64), num_tasks - 1)
+    return [f for f, owner in zip(files, owners) if owner == task]
+
+
+def prepare_stage(
+    stage: str,
+    task: int,
+    num_tasks: int,
+    inputs: list[str] | str,
+    output_dir: str,
+    tokenizer: str = "byte",
+    seq_len: int = 2048,
+    *,
+    text_field: str = "text",
+    eos_token: str | None = None,
+    seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest | None:
+    """One task of a prepare split over `num_tasks` processes (or machines sharing `output_dir`).
+
+    Run every task of "tokenize", then every task of "shards", then "merge" once (SLURM: three
+    array jobs chained with afterok). tokenize: task t tokenizes its slice of the files into the
+    shared work directory; shards: task t writes its contiguous part of the shards of the one
+    global shuffle; merge: writes the manifest. The result is byte for byte the dataset
+    `prepare_dataset` writes from the same arguments (same shards, same manifest), because each
+    stage computes the same things from the same inputs; only who does the work changes.
+    """
+    if stage not in STAGES:
+        raise DataError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
+    if num_tasks < 1 or not 0 <= task < num_tasks:
+        raise DataError(f"--task {task} is outside [0, --num-tasks {num_tasks}); give 0 <= task < num_tasks")
+    setup = _setup(inputs, output_dir, tokenizer, seq_len, eos_token, num_workers)
+    if stage == "tokenize":
+        _start_output(output_dir, overwrite)
+        with _worker_pool(setup, eos_token) as pool:
+            _tokenize_sources(_file_slice(setup.files, task, num_tasks), setup.tokenizer, eos_token, text_field,
+                              setup.work_dir, pool, setup.num_workers, progress)
+        return None
+    sources = _tokenized_sources(setup, text_field)
+    with _stream_lock(setup.work_dir):  # one task joins the stream, the others wait and reuse it
+        jobs, plan = _shard_jobs(setup, sources, output_dir, seed, shard_bytes)
+    if stage == "shards":
+        with _worker_pool(setup, None) as pool:
+            _write_shards(task_slice(jobs, task, num_tasks), setup.work_dir, pool, progress, plan, part=f"{task}of{num_tasks}")
+        return None
+    shard_infos = _recorded_shards(jobs, setup.work_dir, plan)
+    return _finish(setup, sources, shard_infos, output_dir, seed, text_field)
+
+
+def _tokenized_sources(setup: _Setup, text_field: str) -> list[_SourceTokens]:
+    """Every file's token record, which the tokenize stage must have written."""
+    sources = []
+    for path in setup.files:
+        key = _source_key(path, setup.tokenizer.identity.sha256, text_field)
+        tokens_file = os.path.join(setup.work_dir, f"tokens-{key}.bin")
+        if not (os.path.exists(tokens_file + ".json") and os.path.exists(tokens_file)):
+            raise DataError(f"{path} has not been tokenized into {setup.work_dir}: run every task of --stage tokenize "
+                            "first, with the same inputs and options (or the file changed since)")
+        with open(tokens_file + ".json") as handle:
+            sources.append(_SourceTokens(path, tokens_file, **json.load(handle)))
+    return sources
+
+
+@contextlib.contextmanager
+def _stream_lock(work_dir: str):
+    with open(os.path.join(work_dir, "stream.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _recorded_shards(jobs, work_dir: str, plan: str) -> list[ShardInfo]:
+    done: dict[str, dict] = {}
+    for record in glob.glob(os.path.join(work_dir, f"shards-{_plan_key(plan)}-*.json")):
+        with open(record) as handle:
+            done.update(json.load(handle))
+    missing = [os.path.basename(job[0]) for job in jobs if not _shard_done(job[0], done)]
+    if missing:
+        raise DataError(f"{len(missing)} shards (first {missing[0]}) are not written: run every task of --stage shards "
+                        "first, with the same inputs and options")
+    return [ShardInfo(**done[os.path.basename(job[0])]) for job in jobs]
 
 
 def _single_threaded_tokenizers(start_pool):
@@ -333,10 +479,16 @@ def _single_threaded_tokenizers(start_pool):
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def _write_shards(jobs, work_dir, pool, progress, plan: str) -> list[ShardInfo]:
-    """Write the shards not already written by an interrupted earlier run of the same plan."""
-    plan_key = hashlib.sha256(plan.encode()).hexdigest()[:24]
-    record_file = os.path.join(work_dir, f"shards-{plan_key}.json")
+def _plan_key(plan: str) -> str:
+    return hashlib.sha256(plan.encode()).hexdigest()[:24]
+
+
+def _write_shards(jobs, work_dir, pool, progress, plan: str, part: str = "all") -> list[ShardInfo]:
+    """Write the shards not already written by an interrupted earlier run of the same plan.
+
+    `part` names this writer's record file, so tasks writing parts of one plan never share one.
+    """
+    record_file = os.path.join(work_dir, f"shards-{_plan_key(plan)}-{part}.json")
     done: dict[str, dict] = {}
     if os.path.exists(record_file):
         with open(record_file) as handle:

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("titans_train.config.cli", "show or check a resolved recipe"),
     "model": ("titans_train.model.cli", "model facts (parameter count, FLOPs) for a recipe"),
     "data": ("titans_train.data.cli", "prepare datasets, train tokenizers, inspect shards"),
+    "slurm": ("titans_train.slurm.cli", "submit, watch and cancel SLURM jobs (training, sweeps, data preparation)"),
     "generate": ("titans_train.generate", "continue a prompt from a checkpoint, memory updating as it reads"),
     "convert": ("titans_train.convert.cli", "a checkpoint of any layout to a Hugging Face model, or back"),
     "study": ("titans_train.study.cli", "scaling studies: plan, run, collect, fit and plot a grid of runs"),

@@ -13,6 +13,8 @@ import socket
 
 import torch
 
+from titans_train.slurm.environment import apply_to_environment as apply_slurm_environment
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -44,6 +46,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600) -> None:
     if dist.is_initialized():
         return
     prepare_deepspeed_environment()
+    apply_slurm_environment()  # a task of `srun` (one per GPU): RANK etc. from SLURM's variables
     if "RANK" not in os.environ:  # a plain `python`/`titans-train` process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -64,6 +67,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600) -> None:
 
 def world_size_from_environment() -> int:
     """The world size a launcher announced, before any process group exists (for validation)."""
+    apply_slurm_environment()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
