@@ -119,7 +119,11 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     slurm_dir.mkdir(parents=True, exist_ok=True)
     if sweep_sets is not None:
-        lines = [shlex.join([*overrides, f"run_dir={run_dir / f'{index:03d}'}"]) for index, overrides in enumerate(sweep_sets)]
+        # A set that names its own run_dir (a scaling study's runs) keeps it; the others get
+        # <run_dir>/<task>.
+        lines = [shlex.join(overrides if any(word.startswith("run_dir=") for word in overrides)
+                            else [*overrides, f"run_dir={run_dir / f'{index:03d}'}"])
+                 for index, overrides in enumerate(sweep_sets)]
         _write_atomic(slurm_dir / "sweep.txt", "\n".join(lines) + "\n")
     script_path = slurm_dir / script_name
     _write_atomic(script_path, script)

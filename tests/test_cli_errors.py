@@ -95,7 +95,7 @@ def hold_run_dir_lock(run_dir: str, holding) -> None:
     time.sleep(120)
 
 
-def test_a_second_trainer_on_a_locked_run_dir_is_refused_and_a_dead_holder_is_stale(tmp_path, capsys):
+def test_a_second_trainer_on_a_locked_run_dir_is_refused_and_a_dead_holder_is_stale(tmp_path):
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -104,8 +104,12 @@ def test_a_second_trainer_on_a_locked_run_dir_is_refused_and_a_dead_holder_is_st
     holder.start()
     try:
         assert holding.wait(60)
-        assert main(["train", "debug", f"run_dir={tmp_path}", f"data.cache_dir={tmp_path / 'corpus'}"]) == 2
-        err = capsys.readouterr().err
+        # In its own process: the refusal comes after the process group exists.
+        done = subprocess.run([sys.executable, "-m", "titans_train", "train", "debug", f"run_dir={tmp_path}",
+                               f"data.cache_dir={tmp_path / 'corpus'}"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 2, done.stderr
+        err = done.stderr
         assert f"run dir {tmp_path} is in use by a running job" in err and f'"pid": {holder.pid}' in err, err
         assert not (tmp_path / "config.yaml").exists()  # the refused trainer wrote nothing
     finally:

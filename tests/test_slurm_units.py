@@ -200,3 +200,21 @@ def test_cluster_settings_that_are_not_yaml(tmp_path):
     line = _one_line_error(_submit(tmp_path, "debug", "--nodes", "1", "--gpus-per-node", "1", "--cluster", str(settings),
                                    "--dry-run"))
     assert f"--cluster: {settings} is not valid YAML" in line
+
+
+def test_sweep_sets_with_their_own_run_dir_keep_it(tmp_path):
+    """A scaling study's sweep file names each run's run_dir (`study run --slurm`); the rendered
+    sets keep those, and sets without one get <run_dir>/<task>. `sbatch` here is a stand-in that
+    only answers with a job id, as `sbatch --parsable` does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text(f"train.lr=1e-3 run_dir={tmp_path / 'study' / 'a'}\ntrain.lr=2e-3\n")
+    result = _submit(tmp_path, "debug", f"run_dir={tmp_path / 'sweep'}", "--nodes", "1", "--gpus-per-node", "1",
+                     "--sweep", str(sweep), path=f"{bin_dir}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    rendered = (tmp_path / "sweep" / "slurm" / "sweep.txt").read_text().splitlines()
+    assert rendered == [f"train.lr=1e-3 run_dir={tmp_path / 'study' / 'a'}",
+                        f"train.lr=2e-3 run_dir={tmp_path / 'sweep' / '001'}"]

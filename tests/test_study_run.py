@@ -109,12 +109,14 @@ def test_failed_run_is_reported_not_dropped(tmp_path, capsys):
 
 
 def test_sweep_file_lists_the_unfinished_runs_as_override_sets(tmp_path, capsys):
-    from omegaconf import OmegaConf
+    from titans_train.slurm.cli import read_sweep
 
-    code, output = _study(tmp_path, capsys, STUDY, "run", "--slurm", str(tmp_path / "sweep.yaml"))
+    code, output = _study(tmp_path, capsys, STUDY, "run", "--slurm", str(tmp_path / "sweep.txt"))
     assert code == 0, output
-    sweep = OmegaConf.load(tmp_path / "sweep.yaml")
-    assert sweep.study == "two" and sweep.recipe.endswith("debug.yaml")
-    assert [run.name for run in sweep.runs] == ["s-t2.56k", "s-t12.8k"]
-    assert f"run_dir={json.dumps(str(tmp_path / 'runs' / 's-t2.56k'))}" in sweep.runs[0].overrides
+    text = (tmp_path / "sweep.txt").read_text()
+    assert "# study two: 2 runs" in text and "debug.yaml --sweep" in text
+    assert [line for line in text.splitlines() if line.startswith("# s-")] == ["# s-t2.56k", "# s-t12.8k"]
+    sets = read_sweep(str(tmp_path / "sweep.txt"))  # what `slurm submit --sweep` will run
+    assert len(sets) == 2
+    assert f"run_dir={json.dumps(str(tmp_path / 'runs' / 's-t2.56k'))}" in sets[0]
     assert not (tmp_path / "runs" / "s-t2.56k").exists()  # nothing trained

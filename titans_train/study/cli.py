@@ -118,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.slurm:
             todo = write_sweep(study.name, runs, args.slurm)
             print(f"{args.slurm}: {len(todo)} of {len(runs)} runs (the unfinished ones); submit with "
-                  f"`titans-train slurm submit --sweep {args.slurm}` (see docs/scaling-study.md)")
+                  f"`titans-train slurm submit {study.recipe} --sweep {args.slurm} --nodes N --gpus-per-node G` "
+                  "(see docs/scaling-study.md)")
             return 0
         return run_study(runs, retry_failed=args.retry_failed)
     if args.action == "collect":

@@ -99,23 +99,23 @@ def run_study(runs: list[PlannedRun], retry_failed: bool = False, echo: Callable
     return 0 if all(status == "finished" for status in statuses) else 1
 
 
-def sweep_document(study_name: str, runs: list[PlannedRun]) -> dict:
-    """The study as a sweep of override sets: array task i runs `titans-train train RECIPE runs[i].overrides`."""
-    recipes = {run.recipe for run in runs}
-    return {
-        "study": study_name,
-        "recipe": recipes.pop() if len(recipes) == 1 else "",
-        "runs": [{"name": run.name, "run_dir": run.run_dir, "overrides": list(run.overrides)} for run in runs],
-    }
+def sweep_text(study_name: str, runs: list[PlannedRun]) -> str:
+    """The study as `titans-train slurm submit --sweep` reads it: one override set per line (shell
+    words), each with its run's own run_dir; array task i trains runs[i] on the base recipe."""
+    import shlex
+
+    header = [f"# study {study_name}: {len(runs)} runs; submit with",
+              f"#   titans-train slurm submit {runs[0].recipe} --sweep THIS_FILE --nodes N --gpus-per-node G"]
+    return "\n".join(header + [f"# {run.name}\n{shlex.join(run.overrides)}" for run in runs]) + "\n"
 
 
 def write_sweep(study_name: str, runs: list[PlannedRun], path: Path, include_finished: bool = False) -> list[PlannedRun]:
     """Write the unfinished runs (all with `include_finished`) as a sweep file; returns them."""
-    from omegaconf import OmegaConf
-
     for run in runs:
         check_run_dir(run)
     todo = [run for run in runs if include_finished or run_status(run) != "finished"]
+    if len({run.recipe for run in todo}) > 1:
+        raise RuntimeError("a study's runs share its base recipe")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(sweep_document(study_name, todo))))
+    write_atomic(path, sweep_text(study_name, todo) if todo else f"# study {study_name}: every run is finished\n")
     return todo
