@@ -243,16 +243,21 @@ def evaluate(run: RunShape, hardware: Hardware, layout: Layout, mfu: float = DEF
     traced = _traced(_key(model), layout.micro_batch, span, sp, run.precision)
     layer = traced.layer.per_rank(tp, layout.tp_sequence_sharding)
     layer_input = traced.layer_input_bytes / (tp if layout.tp_sequence_sharding else 1)
+    head = traced.head.per_rank(tp, layout.tp_sequence_sharding) + traced.logits_bytes / tp
+    # The peak is where backward starts: every saved tensor is alive and the head's backward
+    # begins (gradients then grow while activations are freed, layer by layer). With
+    # checkpointing the recompute of the last layer can exceed the head's share instead.
     if layout.activation_checkpointing:
-        memory.append(Term("activations (checkpointed)", model.n_layers * layer_input + layer,
-                           "L x B S D (layer inputs) + one layer's saved tensors (recomputed in backward)"))
+        memory.append(Term("activations (checkpointed)", model.n_layers * layer_input,
+                           "L x B S D: the layer inputs the checkpoints keep"))
     else:
         memory.append(Term("activations", model.n_layers * layer,
                            "L x one layer's saved tensors (traced on the meta device)"))
-    memory.append(Term("backward working memory", layer,
-                       "one layer's saved tensors again: the gradients of its intermediates"))
-    memory.append(Term("head activations", traced.head.per_rank(tp, layout.tp_sequence_sharding)
-                       + traced.logits_bytes / tp, "final norm, LM head, cross-entropy (traced) + B S V/tp x 4 B logits gradient"))
+    memory.append(Term("head activations", head,
+                       "final norm, LM head, cross-entropy (traced) + B S V/tp x 4 B logits gradient"))
+    if layout.activation_checkpointing:
+        memory.append(Term("recompute beyond the head", max(0.0, layer + layer_input - head),
+                           "max(0, one layer's saved tensors + its output gradient B S D - head activations)"))
     if sp > 1:
         relay = 2 * model.n_layers * relay_state_bytes(model, layout.micro_batch, (sp - 1) * span, tp, run.precision)
         memory.append(Term("relay state buffers", relay,
