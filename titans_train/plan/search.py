@@ -22,10 +22,10 @@ def valid(run: RunShape, hardware: Hardware, layout: Layout) -> bool:
 
 
 def candidates(run: RunShape, hardware: Hardware) -> list[Layout]:
-    """tp within a node, sp a power of two, every ZeRO stage, micro batches up to 16, with and
-    without checkpointing; tp sequence sharding whenever tp > 1 (it only saves memory)."""
+    """tp within a node, sp up to 8, powers of two; every ZeRO stage; micro batches up to 16,
+    with and without checkpointing; tp sequence sharding whenever tp > 1 (it only saves memory)."""
     layouts = []
-    powers = [1, 2, 4, 8, 16, 32]
+    powers = [1, 2, 4, 8]
     for tp in [t for t in powers if t <= hardware.gpus_per_node]:
         for sp in powers:
             for zero in (0, 1, 2, 3):
@@ -48,8 +48,10 @@ def _one_change(layout: Layout) -> list[tuple[str, Layout]]:
     changes = []
     if not layout.activation_checkpointing:
         changes.append(("--activation-checkpointing", replace(layout, activation_checkpointing=True)))
-    if layout.micro_batch > 1:
-        changes.append((f"--micro-batch {layout.micro_batch // 2}", replace(layout, micro_batch=layout.micro_batch // 2)))
+    micro = layout.micro_batch // 2
+    while micro >= 1:  # the largest smaller micro batch comes first; `advise` keeps the first fit
+        changes.append((f"--micro-batch {micro}", replace(layout, micro_batch=micro)))
+        micro //= 2
     if layout.zero_stage < 3:
         changes.append((f"--zero {layout.zero_stage + 1}", replace(layout, zero_stage=layout.zero_stage + 1)))
     if layout.tp > 1 and not layout.tp_sequence_sharding:
@@ -68,7 +70,8 @@ def advise(run: RunShape, hardware: Hardware, plan: Plan, mfu: float) -> list[st
               f"{largest.value / GIB:.1f} GiB)"]
     fixes = []
     for flag, layout in _one_change(plan.layout):
-        if not valid(run, hardware, layout):
+        if not valid(run, hardware, layout) or (flag.startswith("--micro-batch") and
+                                                any(fix.startswith("--micro-batch") for fix in fixes)):
             continue
         try:
             changed = evaluate(run, hardware, layout, mfu)
