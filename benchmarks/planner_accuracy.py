@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = [  # (variant, dim, layers, heads, vocab, batch, seq_len)
     ("transformer", 256, 4, 4, 8192, 4, 512),
     ("lmm", 256, 4, 4, 8192, 2, 512),
@@ -50,8 +51,7 @@ def measure(variant, dim, layers, heads, vocab, batch, seq_len, checkpointing) -
     import ctypes
 
     import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
+    from activation_memory import forward_loss  # the trainer's forward, as benchmarked there
 
     from titans_train.model import TitansLM
 
@@ -82,15 +82,7 @@ def measure(variant, dim, layers, heads, vocab, batch, seq_len, checkpointing) -
         module.register_forward_hook(lambda module, args, output: sample())
     for _ in range(2):
         hooks.__enter__()
-        hidden = model.embedding(tokens[:, :-1])
-        for layer in model.layers:
-            if checkpointing:
-                hidden, _ = checkpoint(layer, hidden, None, 0, use_reentrant=False)
-            else:
-                hidden, _ = layer(hidden, None, 0)
-        logits = model.final_logits(hidden)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        del logits, hidden
+        loss = forward_loss(model, tokens, checkpointing)
         sample()
         loss.backward()
         sample()
@@ -111,7 +103,7 @@ def predict(variant, dim, layers, heads, vocab, batch, seq_len, checkpointing) -
 
 
 def measure_in_subprocess(case, checkpointing) -> int:
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+    code = (f"import json, sys; sys.path.insert(0, {BENCHMARKS!r}); "
             f"from planner_accuracy import measure; print(json.dumps(measure(*{list(case)!r}, {checkpointing})))")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=600)
