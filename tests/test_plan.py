@@ -71,7 +71,8 @@ def _measure_collectives(variant: str, tp: int, sp: int):
 
     context = ParallelContext.initialize(tp=tp, sp=sp)
     torch.manual_seed(0)
-    model = parallelize(TitansLM(small(variant)), None, context)
+    model = TitansLM(small(variant))
+    plan = parallelize(model, None, context)  # shards the model in place
     tokens = torch.randint(0, 256, (2, 129), generator=torch.Generator().manual_seed(1))
     counted = {"all_reduce": 0}
     original = dist.all_reduce
@@ -81,7 +82,7 @@ def _measure_collectives(variant: str, tp: int, sp: int):
         return original(tensor, *args, **kwargs)
 
     dist.all_reduce = all_reduce
-    step = parallel_loss(model, tokens, context)
+    step = parallel_loss(model, tokens, plan)
     step.objective.backward()
     step.relay.finish()
     dist.all_reduce = original

@@ -31,15 +31,17 @@ from titans_train.parallel.tensor_parallel import plan_style
 FULL_WIDTH_STYLES = ("column", "replicated", "vocab_head")
 
 
-def _fused_attention(query, key, value, attn_mask=None, **unused):
+def _fused_attention(query, key, value, attn_mask=None, is_causal=False, **unused):
     """SDPA as a fused kernel runs it: saves q, k, v, the output, the log-sum-exp and the mask
     as an additive bias, never the (Tq, Tk) probabilities. On the meta device
     `F.scaled_dot_product_attention` falls back to the math path, which saves them; CPU (flash
     for CPU) and CUDA (memory-efficient attention) kernels do not."""
-    bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
-    shape = (*query.shape[:-2], *attn_mask.shape)
+    bias = None
+    if attn_mask is not None:
+        bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+        bias = bias.expand(*query.shape[:-2], *attn_mask.shape[-2:])
     return torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, bias.expand(shape), True)[0]
+        query, key, value, bias, True, is_causal=is_causal)[0]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ from .planner import GIB, Hardware, Layout, Plan, PlanError, RunShape, evaluate
 def valid(run: RunShape, hardware: Hardware, layout: Layout) -> bool:
     try:
         validate_parallel_layout(run.model, tp=layout.tp, sp=layout.sp, world_size=hardware.world_size,
-                                 seq_len=run.seq_len, tp_sequence_sharding=layout.tp_sequence_sharding)
+                                 seq_len=run.seq_len, tp_sequence_sharding=layout.tp_sequence_sharding,
+                                 activation_checkpointing=layout.activation_checkpointing,
+                                 zero_stage=layout.zero_stage)
     except ParallelConfigError:
         return False
     samples = run.global_batch_tokens // run.seq_len
