@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("titans_train.train.cli", "pretrain a model from a recipe"),
     "config": ("titans_train.config.cli", "show or check a resolved recipe"),
     "model": ("titans_train.model.cli", "model facts (parameter count, FLOPs) for a recipe"),
+    "plan": ("titans_train.plan.cli", "will a layout fit a GPU cluster: memory, communication, time"),
     "data": ("titans_train.data.cli", "prepare datasets, train tokenizers, inspect shards"),
     "slurm": ("titans_train.slurm.cli", "submit, watch and cancel SLURM jobs (training, sweeps, data preparation)"),
     "generate": ("titans_train.generate", "continue a prompt from a checkpoint, memory updating as it reads"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import torch
@@ -104,7 +106,11 @@ def _run_kernel(kernel, sequences, gates, weights, momentum, compute_dtype, opti
     cannot see into the Triton kernels; the memory state recurs over the whole sequence, so its
     products stay in the compute dtype (autocast would round the state to bf16 at every chunk).
     """
-    with torch.autocast(sequences[0].device.type, enabled=False):
+    device_type = sequences[0].device.type
+    # The meta device (the planner's shape-only trace) has no autocast to leave.
+    outside_autocast = (contextlib.nullcontext() if device_type == "meta"
+                        else torch.autocast(device_type, enabled=False))
+    with outside_autocast:
         return kernel(
             *sequences, *(x.to(compute_dtype) for x in gates),
             [w.to(compute_dtype) for w in weights], [s.to(compute_dtype) for s in momentum], *options,

@@ -1,0 +1,138 @@
+"""The cluster planner (titans_train/plan): byte counts against the model, the relay and the tp
+collectives as they run; peak memory against a CPU measurement; the CLI's answers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from titans_train.model import TitansConfig, TitansLM
+from titans_train.plan import DEVICES, Hardware, Layout, RunShape, evaluate
+from titans_train.plan.cli import add_arguments, run as plan_run
+from titans_train.plan.model_facts import model_facts
+from titans_train.plan.planner import relay_bytes_per_micro_step, tp_all_reduce_elements
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import planner_accuracy  # noqa: E402
+
+ONE_GPU = Hardware(DEVICES["h100-80gb"], 1, 1)
+
+
+def small(variant: str) -> TitansConfig:
+    return TitansConfig(variant=variant, vocab_size=256, dim=64, n_layers=2, n_heads=4, chunk_size=16,
+                        segment_len=32, window=32, n_persistent=4, memory_depth=2, memory_expansion=2)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "transformer", "lmm"])
+def test_model_state_bytes_equal_the_model_and_optimizer(variant):
+    config = small(variant)
+    model = TitansLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+    tokens = torch.randint(0, 256, (2, 65))
+    model(tokens[:, :-1]).logits.sum().backward()
+    optimizer.step()
+    plan = evaluate(RunShape(config, 64, 128, 128, "fp32"), ONE_GPU, Layout(zero_stage=0, micro_batch=2))
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    moments = sum(v.numel() * v.element_size() for state in optimizer.state.values()
+                  for k, v in state.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert plan.term("parameters") == parameters
+    assert plan.term("gradients") == gradients
+    assert plan.term("optimizer state") == moments
+    assert plan.term("master weights") == 0
+
+
+def test_zero_terms_shard_as_deepspeed_does():
+    config = small("lmm")
+    run = RunShape(config, 64, 8 * 64, 8 * 64, "bf16")
+    hardware = Hardware(DEVICES["h100-80gb"], 1, 8)
+    p = model_facts(config, 1).parameters_per_tp_rank
+    zero1 = evaluate(run, hardware, Layout(zero_stage=1))
+    assert (zero1.term("parameters"), zero1.term("gradients")) == (2 * p, 2 * p)
+    assert (zero1.term("master weights"), zero1.term("optimizer state")) == (4 * p / 8, 8 * p / 8)
+    zero3 = evaluate(run, hardware, Layout(zero_stage=3))
+    assert (zero3.term("parameters"), zero3.term("gradients")) == (2 * p / 8, 2 * p / 8)
+    # ZeRO-3 under sp shards over dp only and holds full gradients until one reduction.
+    zero3_sp = evaluate(run, hardware, Layout(sp=2, zero_stage=3))
+    assert (zero3_sp.term("parameters"), zero3_sp.term("gradients")) == (2 * p / 4, 2 * p)
+
+
+def _measure_collectives(variant: str, tp: int, sp: int):
+    """One forward + backward of `parallel_loss` (rank-local): relay bytes, tp all-reduce elements."""
+    import torch.distributed as dist
+
+    from titans_train.parallel import ParallelContext
+    from titans_train.parallel.parallelize import parallel_loss, parallelize
+
+    context = ParallelContext.initialize(tp=tp, sp=sp)
+    torch.manual_seed(0)
+    model = TitansLM(small(variant))
+    plan = parallelize(model, None, context)  # shards the model in place
+    tokens = torch.randint(0, 256, (2, 129), generator=torch.Generator().manual_seed(1))
+    counted = {"all_reduce": 0}
+    original = dist.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        counted["all_reduce"] += tensor.numel()
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = all_reduce
+    step = parallel_loss(model, tokens, plan)
+    step.objective.backward()
+    step.relay.finish()
+    dist.all_reduce = original
+    result = {"sp_rank": context.sp_rank, "relay": step.relay.bytes_sent, "all_reduce": counted["all_reduce"]}
+    ParallelContext.destroy()
+    return result
+
+
+@pytest.mark.parametrize("variant,tp,sp", [("mag", 2, 1), ("lmm", 1, 2), ("transformer", 1, 2)])
+def test_relay_and_tp_bytes_equal_the_measured(variant, tp, sp):
+    records = run_distributed(_measure_collectives, world_size=tp * sp, timeout_s=240, variant=variant, tp=tp, sp=sp)
+    config = small(variant)
+    for record in records:
+        assert record["relay"] == relay_bytes_per_micro_step(config, 2, 128, tp, sp, record["sp_rank"], "fp32")
+        if tp > 1:  # plus one element: the logged loss, summed over the gradient group
+            expected = tp_all_reduce_elements(config, model_facts(config, tp), 2, 128 // sp) + 1
+            assert record["all_reduce"] == expected
+
+
+@pytest.mark.parametrize("case,checkpointing", [
+    (("transformer", 256, 4, 4, 8192, 4, 512), False),
+    (("mac", 256, 4, 4, 8192, 2, 512), True),
+])
+def test_peak_prediction_within_15_percent_of_the_measured(case, checkpointing):
+    predicted = planner_accuracy.predict(*case, checkpointing)["peak"]
+    measured = planner_accuracy.measured_peak(case, checkpointing)
+    assert abs(predicted / measured - 1) < 0.15, (predicted / 2**20, measured / 2**20)
+
+
+def _plan(argv, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    code = plan_run(parser.parse_args(argv))
+    return code, capsys.readouterr()
+
+
+def test_a_layout_that_cannot_fit_says_by_how_much_and_what_to_change(capsys):
+    code, out = _plan(["mag-760m", "--nodes", "1", "--gpus-per-node", "1", "--gpu", "a100-80gb", "--zero", "0",
+                       "--micro-batch", "32", "--no-activation-checkpointing"], capsys)
+    assert code == 1
+    assert "DOES NOT FIT" in out.out and "GiB over" in out.out
+    assert "--activation-checkpointing" in out.out or "--micro-batch" in out.out
+    code, out = _plan(["mag-760m", "--nodes", "1", "--gpus-per-node", "1", "--gpu", "a100-80gb", "--zero", "0",
+                       "--micro-batch", "32", "--no-activation-checkpointing", "--json"], capsys)
+    result = json.loads(out.out)
+    assert result["fits"] is False and result["headroom_bytes"] < 0 and result["advice"]
+
+
+def test_bad_options_are_named(capsys):
+    code, out = _plan(["mag-760m", "--tp", "3"], capsys)
+    assert code == 2 and "--tp" in out.err
