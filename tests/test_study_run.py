@@ -120,3 +120,23 @@ def test_sweep_file_lists_the_unfinished_runs_as_override_sets(tmp_path, capsys)
     assert len(sets) == 2
     assert f"run_dir={json.dumps(str(tmp_path / 'runs' / 's-t2.56k'))}" in sets[0]
     assert not (tmp_path / "runs" / "s-t2.56k").exists()  # nothing trained
+
+
+def test_study_submits_its_sweep_as_one_array_job(tmp_path, capsys, monkeypatch):
+    """`study run --slurm FILE --submit ...` hands the sweep to `slurm submit`; `sbatch` here is a
+    stand-in answering with a job id (as `sbatch --parsable` does), the real cluster is in test_slurm."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    code, output = _study(tmp_path, capsys, STUDY, "run", "--slurm", str(tmp_path / "sweep.txt"),
+                          "--submit", "--nodes", "1", "--gpus-per-node", "1")
+    assert code == 0, output
+    job = tmp_path / "runs" / "slurm-sweep" / "slurm"
+    assert "#SBATCH --array=0-1%2" in (job / "sweep.sbatch").read_text()
+    rendered = (job / "sweep.txt").read_text().splitlines()
+    assert len(rendered) == 2
+    for line, run in zip(rendered, ("s-t2.56k", "s-t12.8k")):
+        assert f"run_dir={tmp_path / 'runs' / run}" in line.replace('"', "")
+    assert not (tmp_path / "runs" / "s-t2.56k").exists()  # nothing trained here

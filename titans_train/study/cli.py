@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from titans_train.config import ConfigError
+from titans_train.config import ConfigError, InvalidValueError
 
 EXIT_ERROR = 2
 
@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--runs-dir", **runs_dir)
     run.add_argument("--retry-failed", action="store_true", help="run failed and diverged runs again")
     run.add_argument("--slurm", metavar="SWEEP", type=Path,
-                     help="do not train: write the unfinished runs as a sweep file for `titans-train slurm submit`")
+                     help="do not train here: write the unfinished runs as a sweep file for `titans-train slurm submit`")
+    run.add_argument("--submit", nargs=argparse.REMAINDER, metavar="SLURM_OPTION",
+                     help="with --slurm, last: submit that sweep as one array job; everything after it goes to "
+                          "`titans-train slurm submit` (e.g. --submit --nodes 1 --gpus-per-node 8 --partition gpu)")
     collect = sub.add_parser("collect", help="one table of every run: parameters, tokens, FLOPs, loss, status")
     collect.add_argument("study")
     collect.add_argument("--runs-dir", **runs_dir)
@@ -115,12 +118,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.action == "run":
         from titans_train.study.runner import run_study, write_sweep
 
+        if args.submit is not None and not args.slurm:
+            raise InvalidValueError("--submit", "goes with --slurm SWEEP (the sweep file to write and submit)")
         if args.slurm:
             todo = write_sweep(study.name, runs, args.slurm)
-            print(f"{args.slurm}: {len(todo)} of {len(runs)} runs (the unfinished ones); submit with "
-                  f"`titans-train slurm submit {study.recipe} --sweep {args.slurm} --nodes N --gpus-per-node G` "
-                  "(see docs/scaling-study.md)")
-            return 0
+            print(f"{args.slurm}: {len(todo)} of {len(runs)} runs (the unfinished ones)")
+            if args.submit is None:
+                print(f"submit with `titans-train study run {args.study} --slurm {args.slurm} --submit --nodes N "
+                      "--gpus-per-node G` or `titans-train slurm submit` (see docs/scaling-study.md)")
+                return 0
+            if not todo:
+                return 0
+            from titans_train.cli import main as cli_main
+
+            # The array job's own files (script, logs) go beside the runs; each task trains in its
+            # run's directory, named in the sweep file.
+            job_dir = Path(todo[0].run_dir).parent / "slurm-sweep"
+            return cli_main(["slurm", "submit", todo[0].recipe, f"run_dir={job_dir}", "--sweep", str(args.slurm),
+                             *args.submit])
         return run_study(runs, retry_failed=args.retry_failed)
     if args.action == "collect":
         from titans_train.study.collect import collect, write_table
