@@ -226,3 +226,15 @@ def test_checkpoint_manager_verifies_manifests(tmp_path):
     manifest, reason = manager.verify(tmp_path / "step000000002")
     assert manifest is None and "3 bytes, the manifest says 7" in reason
     assert [c.tag for c in manager.candidates() if isinstance(c, CheckpointInfo)] == ["step000000001"]
+
+
+def test_wandb_run_carries_the_study_group(tmp_path):
+    """`logging.wandb_group` (set by `titans-train study`) groups the runs in wandb (offline run here)."""
+    from titans_train.train.logging import RunLogger
+
+    config = _config("debug", tmp_path, "logging.wandb_mode=offline", "logging.wandb_group=tiny-study")
+    logger = RunLogger(config, enabled=True, resolved_config={})
+    try:
+        assert logger._wandb_run.group == "tiny-study"
+    finally:
+        logger.close()
