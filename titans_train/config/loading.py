@@ -49,8 +49,9 @@ def resolve_recipe_path(recipe: str, relative_to: Path | None = None) -> Path:
     raise RecipeNotFoundError("recipe", f"no recipe or file named {recipe!r}{hint}")
 
 
-def _load_composed(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
-    path = path.resolve()
+def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its `base:` parts merged in, unchecked (recipes, and study files)."""
+    path = Path(path).resolve()
     if path in chain:
         cycle = " -> ".join(p.name for p in chain + (path,))
         raise InvalidValueError(BASE_KEY, f"recipe parts include each other: {cycle}")
@@ -66,15 +67,10 @@ def _load_composed(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.create({})
     for base in bases:
         base_path = resolve_recipe_path(str(base), relative_to=path.parent)
-        part = _load_composed(base_path, chain + (path,))
+        part = load_composed(base_path, chain + (path,))
         part.pop("name", None)  # a run is named by its own recipe, not by the parts it includes
         merged = OmegaConf.merge(merged, part)
     return OmegaConf.merge(merged, raw)
-
-
-def load_composed(path: Path) -> DictConfig:
-    """A YAML file with its `base:` parts merged in, unchecked (recipes, and study files)."""
-    return _load_composed(Path(path))
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -158,7 +154,7 @@ def load_recipe(recipe: str, overrides: Iterable[str] = (), world_size: int | No
     """
     from titans_train.config.validate import validate
 
-    user = _load_composed(resolve_recipe_path(recipe))
+    user = load_composed(resolve_recipe_path(recipe))
     user = OmegaConf.merge(user, parse_overrides(list(overrides)))
     if "name" not in user:
         user.name = Path(recipe).stem if recipe.endswith(".yaml") else Path(recipe).name

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from titans_train.config import ConfigError, InvalidValueError
 
-EXIT_ERROR = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,11 +98,7 @@ def _fit(args, rows, resamples: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except ConfigError as error:
-        print(f"study error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    return _run(args)  # a ConfigError is printed by the CLI on one line, exit 2
 
 
 def _run(args: argparse.Namespace) -> int:
