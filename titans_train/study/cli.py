@@ -21,7 +21,6 @@ from pathlib import Path
 from titans_train.config import ConfigError, InvalidValueError
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     runs_dir = {"help": "where the runs are (default: the study's runs_dir, runs/studies/<name>)"}
