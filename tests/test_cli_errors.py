@@ -122,3 +122,18 @@ def test_a_second_trainer_on_a_locked_run_dir_is_refused_and_a_dead_holder_is_st
     lock = RunLock(tmp_path)
     lock.acquire()
     lock.release()
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_cpu_run_prints_no_library_warnings(tmp_path):
+    # megatron-core warned ~40 lines per run (Transformer Engine/Apex fallbacks, one queue per
+    # device): nothing a user of this framework can act on, so none of it reaches the console.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "titans_train",
+                           "train", "debug", "parallel.tp=2", "train.steps=2", "train.warmup_steps=1",
+                           "checkpoint.interval=0", f"run_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stdout + done.stderr, done.stderr
+    assert "validation (end, step 2)" in done.stdout + done.stderr

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     # rank and again after their own warning filters reset: noise a user cannot act on.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    # megatron-core warns at import, per module and rank, that its fused optimizer and FSDP kernels
+    # fall back to local ones: we use neither (DeepSpeed optimizes, megatron gives only the
+    # tensor-parallel layers), so the warning says nothing about this framework's run.
+    warnings.filterwarnings("ignore", category=UserWarning, message=r"Transformer Engine and Apex are not installed")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # Parse the subcommand name first, then let its module define the rest of its arguments.

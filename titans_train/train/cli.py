@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from titans_train.config import load_recipe
 from titans_train.train.distributed import shutdown_distributed, world_size_from_environment
@@ -21,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_recipe(args.recipe, args.overrides, world_size=world_size_from_environment())
+    if config.parallel.tp > 1:
+        # megatron-core's tensor-parallel linears issue their gradient all-reduce before the
+        # weight-gradient matmul and rely on one hardware queue to keep that order (overlap, not
+        # correctness). It must be set before CUDA starts; an explicit value of the user's wins.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from titans_train.train.trainer import train
 
     result = train(config)
