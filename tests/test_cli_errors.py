@@ -4,6 +4,7 @@ rank fails the job after `parallel.timeout_s`, not after torch's 30 minutes."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -137,3 +138,27 @@ def test_a_tensor_parallel_cpu_run_prints_no_library_warnings(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stdout + done.stderr, done.stderr
     assert "validation (end, step 2)" in done.stdout + done.stderr
+
+
+@pytest.fixture
+def full_file_system(tmp_path):
+    """A 64 KiB tmpfs: every write past that fails with ENOSPC, as on a full scratch disk."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_exit_2(tmp_path, full_file_system, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    generator = random.Random(0)
+    for index in range(8):
+        (corpus / f"file{index}.txt").write_text("".join(generator.choices("abcdefgh \n", k=40_000)))
+    argv = ["data", "prepare", str(corpus), "--output", str(full_file_system / "shards"), "--seq-len", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # beside progress bars
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("error: no space left on device"), errors

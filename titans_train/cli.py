@@ -4,13 +4,14 @@ Each subcommand lives in its own module, imported only when used so `titans-trai
 fast. A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
 
 A `titans_train.errors.UserError` raised anywhere below is caught here: one line on stderr
-(from rank 0 only, under a launcher), exit code 2. `TITANS_TRAIN_DEBUG=1` re-raises it with its
-traceback.
+(from rank 0 only, under a launcher), exit code 2; so is a full disk or quota (ENOSPC, EDQUOT).
+`TITANS_TRAIN_DEBUG=1` re-raises them with their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -68,4 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             kind = "config error" if isinstance(error, ConfigError) else "error"
             print(f"{kind}: {error}".replace("\n", " "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        # A full disk or quota is the user's to fix, wherever the write happened; any other OS
+        # error may be a bug and keeps its traceback.
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("TITANS_TRAIN_DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            where = f" writing {error.filename}" if error.filename else ""
+            print(f"error: {os.strerror(error.errno).lower()}{where}: free space on that file system (or "
+                  f"point the output elsewhere) and run the command again", file=sys.stderr)
         return EXIT_USER_ERROR
