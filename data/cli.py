@@ -17,6 +17,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-token", default=None, help="EOS token of a JSON tokenizer (default: guessed)")
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per sample, plus one for the target shift")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
+    parser.add_argument("--format", dest="input_format", choices=("txt", "jsonl", "parquet"), default=None,
+                        help="read every input as this format whatever its suffix (e.g. txt for text files "
+                             "without one); default: by suffix")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
     parser.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB (default: 256)")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -52,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--sample", type=int, default=0, help="sample index to decode (default: 0)")
     inspect.add_argument("--chars", type=int, default=400, help="characters of the sample to print")
 
-    verify = commands.add_parser("verify", help="check every shard's size and sha256 against the manifest")
+    verify = commands.add_parser("verify", help="check every shard's size and sha256 (and its digest file) "
+                                               "against the manifest")
     verify.add_argument("directory")
 
 
@@ -60,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.data_command == "prepare":
         from titans_train.data.prepare import prepare_dataset, prepare_stage
 
-        options = dict(text_field=args.text_field, eos_token=args.eos_token, seed=args.seed,
+        options = dict(text_field=args.text_field, input_format=args.input_format, eos_token=args.eos_token, seed=args.seed,
                        shard_bytes=int(args.shard_mb * 2**20), num_workers=args.workers, overwrite=args.overwrite,
                        progress=not args.quiet)
         if args.stage is not None:
@@ -91,8 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.data_command == "verify":
         from titans_train.data.dataset import PreparedDataset
 
-        dataset = PreparedDataset(args.directory, verify_checksums=True)
-        print(f"ok: {len(dataset.shards)} shards, {len(dataset)} samples match {args.directory}/manifest.json")
+        dataset = PreparedDataset(args.directory, verify="none")  # verify_all reads every byte instead
+        dataset.verify_all()
+        print(f"ok: {dataset.num_shards} shards, {len(dataset)} samples match {args.directory}/manifest.json")
     return 0
 
 

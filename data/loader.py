@@ -10,6 +10,10 @@ The contract (see docs/data.md):
   batches; `sequence_span` cuts a sequence-parallel rank's span out of a micro-batch.
 - The state is the number of global samples consumed (+ seed, epoch, fingerprint): resuming on
   any number of data-parallel ranks or loader workers continues the identical global stream.
+- Scale: positions, counts and indices are Python ints or int64 end to end (never int32 or
+  float), and a step costs O(micro-batch) whatever the position: `permute` evaluates only the
+  positions read, and a mixture computes one block of MIXTURE_BLOCK slots. So 10^12 tokens and
+  10^9 steps are ordinary numbers here.
 Loader workers (torch DataLoader) only fetch micro-batches whose positions were fixed beforehand,
 so they change speed, never order.
 """
@@ -132,7 +136,7 @@ class _MicroBatchFetcher(torch.utils.data.Dataset):
         self.micro_batch_size = micro_batch_size
 
     def __getitem__(self, start: int) -> torch.Tensor:
-        _, _, tokens = self.stream.read(np.arange(start, start + self.micro_batch_size))
+        _, _, tokens = self.stream.read(np.arange(start, start + self.micro_batch_size, dtype=np.int64))
         return torch.from_numpy(tokens)  # (micro_batch, seq_len + 1) int64
 
     def __len__(self) -> int:  # the stream is endless; DataLoader only needs the method to exist
@@ -155,7 +159,7 @@ class TokenLoader:
         tokenizer=None,
         shuffle: bool = True,
         num_workers: int = 0,
-        verify_checksums: bool = False,
+        verify: str = "full",
     ) -> None:
         if dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
             raise LoaderConfigError(f"dp_rank {dp_rank} is outside [0, dp_world_size={dp_world_size})")
@@ -171,7 +175,7 @@ class TokenLoader:
                 f"micro_batch_size {micro_batch_size}; choose global_batch_size = dp x micro x accumulation"
             )
         paths, weights = _parse_datasets(datasets)
-        opened = [PreparedDataset(p, tokenizer, seq_len, verify_checksums) for p in paths]
+        opened = [PreparedDataset(p, tokenizer, seq_len, verify=verify) for p in paths]
         self.stream = GlobalStream(opened, weights, seed, shuffle)
         self.seq_len = seq_len
         self.seed = seed
@@ -253,7 +257,12 @@ class TokenLoader:
                 f"the saved loader state used seed {state.get('seed')} but this loader has seed "
                 f"{self.seed}; set the data seed back to {state.get('seed')}"
             )
-        samples = int(state["samples_consumed"])
+        samples = state.get("samples_consumed")
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
+            # A float (say, through JSON or a float tensor) is exact only below 2^53 samples.
+            raise LoaderStateError(f"the saved loader state's samples_consumed is {samples!r}, not a non-negative "
+                                   "integer; it was not written by this loader")
+        samples = int(samples)
         if state.get("epoch") != self.stream.epoch(samples):
             raise LoaderStateError(f"the saved loader state is inconsistent (epoch {state.get('epoch')} "
                                    f"at sample {samples}); it was not written by this loader")

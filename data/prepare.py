@@ -34,16 +34,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import webdataset  # noqa: F401  imported before the pool forks (it pulls in torch, ~5 s) so workers inherit it
 
 from titans_train.data.errors import DataError, EmptyInputError
 from titans_train.data.manifest import MANIFEST_NAME, Manifest, write_manifest
-from titans_train.data.shards import SampleLayout, ShardInfo, write_shard
+from titans_train.data.shards import SampleLayout, ShardInfo, digests_name, write_shard
 from titans_train.data.sources import expand_inputs, read_documents
 from titans_train.data.tokenizer import load_tokenizer, token_dtype
 
 WORK_DIR = ".prepare-work"
 BATCH_TEXT_BYTES = 1 << 20  # documents are sent to the pool in batches of about 1 MiB of text
 DEFAULT_SHARD_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How documents are read from a source file: the jsonl/parquet field and the imposed format."""
+
+    text_field: str = "text"
+    input_format: str | None = None  # None: by file suffix (see titans_train.data.sources)
+
+    def __str__(self) -> str:
+        return f"{self.text_field}\0{self.input_format}"
 
 
 @dataclass
@@ -106,17 +118,17 @@ def _atomic_write_json(path: str, content: dict) -> None:
     os.replace(temporary, path)
 
 
-def _source_key(path: str, tokenizer_sha: str, text_field: str) -> str:
+def _source_key(path: str, tokenizer_sha: str, reading: _Reading) -> str:
     stat = os.stat(path)
-    identity = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{tokenizer_sha}\0{text_field}"
+    identity = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{tokenizer_sha}\0{reading}"
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
 
 
-def _document_batches(files: list[tuple[int, str]], text_field: str) -> Iterator[tuple[int, list[str], bool]]:
+def _document_batches(files: list[tuple[int, str]], reading: _Reading) -> Iterator[tuple[int, list[str], bool]]:
     for file_index, path in files:
         batch: list[str] = []
         size = 0
-        for document in read_documents(path, text_field):
+        for document in read_documents(path, reading.text_field, reading.input_format):
             batch.append(document)
             size += len(document)
             if size >= BATCH_TEXT_BYTES:
@@ -158,16 +170,16 @@ class _TokenFile:
 
 def _tokenize_file_job(job: tuple[int, _SourceTokens, str]) -> tuple[int, _SourceTokens]:
     """Worker: read, tokenize and write one whole source file (used when there are many files)."""
-    file_index, source, text_field = job
+    file_index, source, reading = job
     token_file = _TokenFile(source, token_dtype(_worker_tokenizer.vocab_size))
-    for batch in _document_batches([(file_index, source.path)], text_field):
+    for batch in _document_batches([(file_index, source.path)], reading):
         _, tokens, num_documents, text_bytes, _ = _tokenize_batch(batch)
         token_file.append(tokens, num_documents, text_bytes)
     token_file.finish()
     return file_index, source
 
 
-def _tokenize_sources(files, tokenizer, eos_token, text_field, work_dir, pool, num_workers, progress):
+def _tokenize_sources(files, tokenizer, eos_token, reading, work_dir, pool, num_workers, progress):
     """Token files for every source, reusing those an interrupted earlier run finished.
 
     Many files: each worker reads, tokenizes and writes whole files. Few files: the main process
@@ -177,7 +189,7 @@ def _tokenize_sources(files, tokenizer, eos_token, text_field, work_dir, pool, n
     results: list[_SourceTokens] = []
     pending: list[int] = []
     for index, path in enumerate(files):
-        key = _source_key(path, tokenizer.identity.sha256, text_field)
+        key = _source_key(path, tokenizer.identity.sha256, reading)
         tokens_file = os.path.join(work_dir, f"tokens-{key}.bin")
         record_file = tokens_file + ".json"
         if os.path.exists(record_file) and os.path.exists(tokens_file):
@@ -192,12 +204,12 @@ def _tokenize_sources(files, tokenizer, eos_token, text_field, work_dir, pool, n
         _init_worker(tokenizer.spec, eos_token)
     with _progress(None, "B", "tokenize", progress) as bar:
         if pool is not None and len(pending) >= 2 * num_workers:
-            jobs = [(index, results[index], text_field) for index in pending]
+            jobs = [(index, results[index], reading) for index in pending]
             for index, source in pool.imap_unordered(_tokenize_file_job, jobs):
                 results[index] = source
                 bar.update(source.text_bytes)
             return results
-        batches = _document_batches([(index, files[index]) for index in pending], text_field)
+        batches = _document_batches([(index, files[index]) for index in pending], reading)
         outputs = map(_tokenize_batch, batches) if pool is None else pool.imap(_tokenize_batch, batches)
         open_files: dict[int, _TokenFile] = {}
         for file_index, tokens, num_documents, text_bytes, is_last in outputs:
@@ -230,6 +242,7 @@ class _Setup:
     """What every stage of one prepare derives identically from its arguments."""
 
     files: list[str]
+    reading: _Reading
     tokenizer: object
     work_dir: str
     dtype: str
@@ -237,17 +250,17 @@ class _Setup:
     num_workers: int
 
 
-def _setup(inputs, output_dir: str, tokenizer: str, seq_len: int, eos_token, num_workers) -> _Setup:
+def _setup(inputs, output_dir: str, tokenizer: str, seq_len: int, eos_token, num_workers, reading: _Reading) -> _Setup:
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
     output_prefix = os.path.join(os.path.abspath(output_dir), "")
     # The output may sit inside an input directory: its manifest and work files are not corpus.
-    files = [f for f in expand_inputs(inputs) if not f.startswith(output_prefix)]
+    files = [f for f in expand_inputs(inputs, reading.input_format) if not f.startswith(output_prefix)]
     if not files:
         raise EmptyInputError(f"inputs {inputs} hold no corpus file outside the output directory {output_dir}")
     tokenizer_object = load_tokenizer(tokenizer, eos_token)
     dtype = token_dtype(tokenizer_object.vocab_size)
-    return _Setup(files, tokenizer_object, os.path.join(output_dir, WORK_DIR), dtype, SampleLayout(seq_len, dtype),
+    return _Setup(files, reading, tokenizer_object, os.path.join(output_dir, WORK_DIR), dtype, SampleLayout(seq_len, dtype),
                   num_workers or os.cpu_count() or 1)
 
 
@@ -308,11 +321,11 @@ def _shard_jobs(setup: _Setup, sources: list[_SourceTokens], output_dir: str, se
     return jobs, plan
 
 
-def _finish(setup: _Setup, sources: list[_SourceTokens], shard_infos: list[ShardInfo], output_dir: str, seed: int,
-            text_field: str) -> Manifest:
-    keep = {info.file for info in shard_infos}
+def _finish(setup: _Setup, sources: list[_SourceTokens], shard_infos: list[ShardInfo], output_dir: str,
+            seed: int) -> Manifest:
+    keep = {info.file for info in shard_infos} | {digests_name(info.file) for info in shard_infos}
     for name in os.listdir(output_dir):
-        if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
+        if name.startswith("shard-") and name.endswith((".tar", ".crc32")) and name not in keep:
             os.remove(os.path.join(output_dir, name))  # leftovers of an earlier, different prepare
     tokenizer = setup.tokenizer
     manifest = Manifest(
@@ -327,7 +340,7 @@ def _finish(setup: _Setup, sources: list[_SourceTokens], shard_infos: list[Shard
         num_tokens=sum(s.num_tokens for s in sources),
         text_bytes=sum(s.text_bytes for s in sources),
         shuffle_seed=seed,
-        text_field=text_field,
+        text_field=setup.reading.text_field,
     ).finalize()
     write_manifest(output_dir, manifest)
     shutil.rmtree(setup.work_dir, ignore_errors=True)
@@ -341,6 +354,7 @@ def prepare_dataset(
     seq_len: int = 2048,
     *,
     text_field: str = "text",
+    input_format: str | None = None,
     eos_token: str | None = None,
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -351,17 +365,18 @@ def prepare_dataset(
     """Tokenize `inputs` into webdataset shards of seq_len + 1 token samples under `output_dir`.
 
     inputs: files, directories (searched recursively) or globs of .txt/.jsonl/.parquet files,
-    optionally .gz/.zst compressed. num_workers: tokenizer processes (default: all cores).
+    optionally .gz/.zst compressed; input_format "txt" / "jsonl" / "parquet" reads every file in
+    that format whatever its suffix. num_workers: tokenizer processes (default: all cores).
     Returns the manifest, which is also written to `output_dir/manifest.json` (last).
     """
-    setup = _setup(inputs, output_dir, tokenizer, seq_len, eos_token, num_workers)
+    setup = _setup(inputs, output_dir, tokenizer, seq_len, eos_token, num_workers, _Reading(text_field, input_format))
     _start_output(output_dir, overwrite)
     with _worker_pool(setup, eos_token) as pool:
-        sources = _tokenize_sources(setup.files, setup.tokenizer, eos_token, text_field, setup.work_dir, pool,
+        sources = _tokenize_sources(setup.files, setup.tokenizer, eos_token, setup.reading, setup.work_dir, pool,
                                     setup.num_workers, progress)
         jobs, plan = _shard_jobs(setup, sources, output_dir, seed, shard_bytes)
         shard_infos = _write_shards(jobs, setup.work_dir, pool, progress, plan)
-    return _finish(setup, sources, shard_infos, output_dir, seed, text_field)
+    return _finish(setup, sources, shard_infos, output_dir, seed)
 
 
 # --- the same prepare split over an array of tasks (titans-train slurm prepare) ---------------
@@ -393,6 +408,7 @@ def prepare_stage(
     seq_len: int = 2048,
     *,
     text_field: str = "text",
+    input_format: str | None = None,
     eos_token: str | None = None,
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -413,14 +429,14 @@ def prepare_stage(
         raise DataError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
     if num_tasks < 1 or not 0 <= task < num_tasks:
         raise DataError(f"--task {task} is outside [0, --num-tasks {num_tasks}); give 0 <= task < num_tasks")
-    setup = _setup(inputs, output_dir, tokenizer, seq_len, eos_token, num_workers)
+    setup = _setup(inputs, output_dir, tokenizer, seq_len, eos_token, num_workers, _Reading(text_field, input_format))
     if stage == "tokenize":
         _start_output(output_dir, overwrite)
         with _worker_pool(setup, eos_token) as pool:
-            _tokenize_sources(_file_slice(setup.files, task, num_tasks), setup.tokenizer, eos_token, text_field,
+            _tokenize_sources(_file_slice(setup.files, task, num_tasks), setup.tokenizer, eos_token, setup.reading,
                               setup.work_dir, pool, setup.num_workers, progress)
         return None
-    sources = _tokenized_sources(setup, text_field)
+    sources = _tokenized_sources(setup)
     with _stream_lock(setup.work_dir):  # one task joins the stream, the others wait and reuse it
         jobs, plan = _shard_jobs(setup, sources, output_dir, seed, shard_bytes)
     if stage == "shards":
@@ -428,14 +444,14 @@ def prepare_stage(
             _write_shards(task_slice(jobs, task, num_tasks), setup.work_dir, pool, progress, plan, part=f"{task}of{num_tasks}")
         return None
     shard_infos = _recorded_shards(jobs, setup.work_dir, plan)
-    return _finish(setup, sources, shard_infos, output_dir, seed, text_field)
+    return _finish(setup, sources, shard_infos, output_dir, seed)
 
 
-def _tokenized_sources(setup: _Setup, text_field: str) -> list[_SourceTokens]:
+def _tokenized_sources(setup: _Setup) -> list[_SourceTokens]:
     """Every file's token record, which the tokenize stage must have written."""
     sources = []
     for path in setup.files:
-        key = _source_key(path, setup.tokenizer.identity.sha256, text_field)
+        key = _source_key(path, setup.tokenizer.identity.sha256, setup.reading)
         tokens_file = os.path.join(setup.work_dir, f"tokens-{key}.bin")
         if not (os.path.exists(tokens_file + ".json") and os.path.exists(tokens_file)):
             raise DataError(f"{path} has not been tokenized into {setup.work_dir}: run every task of --stage tokenize "
@@ -506,4 +522,5 @@ def _write_shards(jobs, work_dir, pool, progress, plan: str, part: str = "all") 
 
 def _shard_done(path: str, done: dict[str, dict]) -> bool:
     record = done.get(os.path.basename(path))
-    return record is not None and os.path.exists(path) and os.path.getsize(path) == record["bytes"]
+    return (record is not None and os.path.exists(path) and os.path.getsize(path) == record["bytes"]
+            and os.path.exists(os.path.join(os.path.dirname(path), digests_name(os.path.basename(path)))))

@@ -4,6 +4,11 @@ Formats, by file name (after removing a `.gz`, `.zst` or `.zstd` compression suf
 - `.txt` (and `.py`, `.md`, `.rst`): the whole file is one document;
 - `.jsonl` / `.json`: one JSON object per line, the document is its `text_field`;
 - `.parquet`: one document per row of the `text_field` column (never compressed outside).
+
+`input_format` ("txt", "jsonl" or "parquet"; CLI `--format`) reads every input file in that format
+whatever its name, so text files without a suffix (`README`, `LICENSE`, corpus dumps named by id)
+can be prepared; directories are then searched for every file that is not hidden (a name starting
+with "."). A compression suffix is still honoured.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd")
+INPUT_FORMATS = {"txt": "text", "jsonl": "jsonl", "parquet": "parquet"}  # --format -> reader kind
 
 
 def _split_compression(path: str) -> tuple[str, str | None]:
@@ -30,8 +36,15 @@ def _split_compression(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def file_format(path: str) -> str | None:
-    """'text', 'jsonl' or 'parquet' for a supported corpus file, else None."""
+def file_format(path: str, input_format: str | None = None) -> str | None:
+    """'text', 'jsonl' or 'parquet' for a supported corpus file, else None.
+
+    input_format: None reads the kind from the suffix; "txt" / "jsonl" / "parquet" impose it.
+    """
+    if input_format is not None:
+        if input_format not in INPUT_FORMATS:
+            raise EmptyInputError(f"--format {input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
+        return INPUT_FORMATS[input_format]
     base, compression = _split_compression(path.lower())
     if base.endswith(PARQUET_SUFFIXES) and compression:
         return None  # parquet compresses inside the file; an outer .gz/.zst is not readable in place
@@ -44,7 +57,13 @@ def file_format(path: str) -> str | None:
     return None
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
+def _found_in_directory(path: str, input_format: str | None) -> bool:
+    if input_format is not None:
+        return not os.path.basename(path).startswith(".")
+    return file_format(path) is not None
+
+
+def expand_inputs(inputs: list[str], input_format: str | None = None) -> list[str]:
     """Files named by `inputs` (files, directories searched recursively, globs), sorted, unique.
 
     Sorting makes the document order, and so the prepared dataset, independent of listing order.
@@ -63,17 +82,18 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         for match in matches:
             if os.path.isdir(match):
                 for root, dirs, names in os.walk(match):
-                    dirs.sort()
+                    dirs[:] = sorted(d for d in dirs if input_format is None or not d.startswith("."))
                     for name in names:
                         candidate = os.path.join(root, name)
-                        if file_format(candidate) is not None:
+                        if _found_in_directory(candidate, input_format):
                             files.add(os.path.abspath(candidate))
-            elif file_format(match) is not None:
+            elif file_format(match, input_format) is not None:
                 files.add(os.path.abspath(match))
             elif not is_glob:  # a glob may match other files (READMEs, indexes); a named file must be readable
                 raise EmptyInputError(
                     f"input {match} has an unsupported format; use .txt, .jsonl or .parquet "
-                    "(.txt/.jsonl optionally .gz/.zst compressed; parquet compresses internally)"
+                    "(.txt/.jsonl optionally .gz/.zst compressed; parquet compresses internally), "
+                    "or name the format with --format txt|jsonl|parquet"
                 )
     if not files:
         raise EmptyInputError(
@@ -93,9 +113,9 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
+def read_documents(path: str, text_field: str = "text", input_format: str | None = None) -> Iterator[str]:
     """The documents of one corpus file, in file order. Empty documents are skipped."""
-    kind = file_format(path)
+    kind = file_format(path, input_format)
     if kind == "parquet":
         yield from _read_parquet(path, text_field)
         return

@@ -166,6 +166,8 @@ def _prepare(args: argparse.Namespace) -> int:
                     "--seed", str(args.seed), "--shard-mb", str(args.shard_mb), "--quiet"]
     if args.eos_token:
         prepare_args += ["--eos-token", args.eos_token]
+    if args.input_format:
+        prepare_args += ["--format", args.input_format]
     if args.workers:
         prepare_args += ["--workers", str(args.workers)]
     if args.overwrite:

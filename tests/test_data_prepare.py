@@ -209,12 +209,20 @@ def prepared(tmp_path, documents) -> str:
     return str(tmp_path / "out")
 
 
+def first_sample_of(dataset: PreparedDataset, shard_id: int) -> list[int]:
+    return [int(np.searchsorted(dataset.locate(np.arange(len(dataset)))[0], shard_id))]
+
+
 def test_truncated_shard_names_the_file_and_the_fix(prepared):
     shard = os.path.join(prepared, "shard-000001.tar")
     with open(shard, "r+b") as handle:
         handle.truncate(os.path.getsize(shard) - 700)
+    dataset = PreparedDataset(prepared)  # shards open lazily: the size is checked at the first read
+    dataset.read(first_sample_of(dataset, 0))
     with pytest.raises(ShardError, match=r"shard-000001\.tar has \d+ bytes .*truncated.*prepare the dataset"):
-        PreparedDataset(prepared)
+        dataset.read(first_sample_of(dataset, 1))
+    with pytest.raises(ShardError, match=r"shard-000001\.tar has \d+ bytes"):
+        PreparedDataset(prepared, verify="none").verify_all()
 
 
 def test_missing_and_corrupted_shards(prepared):
@@ -222,12 +230,11 @@ def test_missing_and_corrupted_shards(prepared):
     data = bytearray(open(shard, "rb").read())
     data[SampleLayout(SEQ_LEN, "uint16").member_bytes - 10] ^= 0xFF  # same size, different bytes
     open(shard, "wb").write(bytes(data))
-    PreparedDataset(prepared)  # the size check passes; only the checksum sees it
     with pytest.raises(ShardError, match=r"shard-000002\.tar does not match its sha256"):
-        PreparedDataset(prepared, verify_checksums=True)
+        PreparedDataset(prepared, verify="none").verify_all()
     os.remove(shard)
     with pytest.raises(ShardError, match=r"shard-000002\.tar is missing"):
-        PreparedDataset(prepared)
+        PreparedDataset(prepared)  # presence is checked when the dataset opens, for every shard
 
 
 def test_shard_of_another_layout(prepared):
@@ -235,8 +242,9 @@ def test_shard_of_another_layout(prepared):
     data = open(shard, "rb").read()
     position = data.index(b"<u2", 512)  # the first member's .npy header: say uint32 instead
     open(shard, "wb").write(data[:position] + b"<u4" + data[position + 3 :])
+    dataset = PreparedDataset(prepared, verify="none")
     with pytest.raises(ShardError, match=r"shard-000000\.tar: samples are uint32\[32\]"):
-        PreparedDataset(prepared)
+        dataset.read(first_sample_of(dataset, 0))
 
 
 def test_tokenizer_and_seq_len_mismatch(prepared, tmp_path):

@@ -3,7 +3,8 @@
 A recipe may list parts under `base:` (names relative to the recipes folder, or paths relative to
 the recipe file); they are merged in order, then the recipe's own keys, then the command-line
 overrides. The result is checked for unknown keys (with the nearest valid key named), merged
-into the typed schema (type errors name the key), completed (derived paths) and validated
+into the typed schema (type errors name the key), completed (derived paths), given the keys a
+prepared dataset decides (`titans_train.config.dataset_defaults`) and validated
 (`titans_train.config.validate`), all before any model or process group exists.
 """
 
@@ -154,12 +155,16 @@ def load_recipe(recipe: str, overrides: Iterable[str] = (), world_size: int | No
     """
     from titans_train.config.validate import validate
 
+    from titans_train.config.dataset_defaults import apply_dataset_manifest
+
     user = load_composed(resolve_recipe_path(recipe))
-    user = OmegaConf.merge(user, parse_overrides(list(overrides)))
+    explicit = parse_overrides(list(overrides))
+    user = OmegaConf.merge(user, explicit)
     if "name" not in user:
         user.name = Path(recipe).stem if recipe.endswith(".yaml") else Path(recipe).name
     config = _apply_to_schema(user)
     complete(config)
+    apply_dataset_manifest(config, explicit)
     validate(config, world_size=world_size)
     OmegaConf.set_readonly(config, True)
     return config

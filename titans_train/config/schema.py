@@ -21,11 +21,15 @@ BACKENDS = ("auto", "gloo", "nccl")
 class DataConfig:
     # "builtin": the Python standard library's source, prepared into `cache_dir` on first use.
     # "shards": `train_dir` / `validation_dir` name prepared shard directories
-    # (`titans-train data prepare`).
+    # (`titans-train data prepare`). A train_dir alone is enough: source, tokenizer, train.seq_len
+    # and model.vocab_size then come from its manifest (titans_train/config/dataset_defaults.py).
     source: str = "builtin"
     train_dir: str = ""
     validation_dir: str = ""
     tokenizer: str = "byte"
+    # Content checks on every sample read (docs/data.md): "full" checks each member's CRC-32
+    # digest and token ids, "sampled" the ids and one digest in 8 reads, "none" the layout only.
+    verify: str = "full"
     # Where the built-in corpus is prepared. Empty: $TITANS_TRAIN_CACHE or ~/.cache/titans-train.
     cache_dir: str = ""
     num_workers: int = 0

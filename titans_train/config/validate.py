@@ -148,6 +148,9 @@ def validate(config: DictConfig, world_size: int | None = 1) -> None:
         raise InvalidValueError("logging.interval", f"must be >= 1, got {config.logging.interval}")
     if config.data.source not in ("builtin", "shards"):
         raise InvalidValueError("data.source", f"must be 'builtin' or 'shards', got {config.data.source!r}")
+    from titans_train.data.shards import VERIFY_LEVELS
+
+    check_choice("data.verify", config.data.verify, VERIFY_LEVELS)
     if config.data.source == "shards" and not config.data.train_dir:
         raise InvalidValueError("data.train_dir", "data.source=shards needs data.train_dir (a prepared shard directory)")
     validate_parallel(config)

@@ -61,7 +61,8 @@ def build_run_data(config: DictConfig, context, plan: BatchPlan, log: Callable[[
     train_dir, validation_dir = dataset_directories(config, log)
     train = config.train
     common = dict(seq_len=train.seq_len, micro_batch_size=train.micro_batch_size, dp_rank=context.data_rank,
-                  dp_world_size=context.data_world_size, seed=train.seed, tokenizer=tokenizer)
+                  dp_world_size=context.data_world_size, seed=train.seed, tokenizer=tokenizer,
+                  verify=config.data.verify)
     train_loader = TokenLoader(train_dir, global_batch_size=plan.global_batch_samples,
                                num_workers=config.data.num_workers, **common)
     validation_loader = TokenLoader(validation_dir, global_batch_size=train.micro_batch_size * context.data_world_size,
