@@ -74,7 +74,7 @@ def sample_key(index: int) -> str:
 
 def digests_name(shard_file: str) -> str:
     """The digest sidecar of a shard: `shard-000001.tar` -> `shard-000001.crc32`."""
-    return os.path.splitext(shard_file)[0] + DIGESTS_SUFFIX
+    return shard_file.rsplit(".", 1)[0] + DIGESTS_SUFFIX
 
 
 class _HashingFile:
