@@ -18,7 +18,7 @@ import numpy as np
 
 from titans_train.data.errors import ManifestError, ShardError
 from titans_train.data.manifest import Manifest, check_compatible, read_manifest
-from titans_train.data.shards import ShardInfo, ShardReader, digests_name
+from titans_train.data.shards import SAMPLED_EVERY, ShardInfo, ShardReader, digests_name
 from titans_train.data.tokenizer import load_tokenizer
 
 MAX_OPEN_SHARDS = 1024
@@ -40,6 +40,8 @@ class PreparedDataset:
                              count=len(self.manifest.shards))
         self._shard_starts = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts, dtype=np.int64)])
         self._open: OrderedDict[int, ShardReader] = OrderedDict()  # shard id -> open reader, oldest first
+        self._checked: set[int] = set()  # shards whose header and digest file an earlier open checked
+        self._reads = 0  # samples read (which ones "sampled" checks: 1 in SAMPLED_EVERY)
         self._check_present()
 
     def _check_present(self) -> None:
@@ -90,7 +92,8 @@ class PreparedDataset:
             self._open.move_to_end(shard_id)
             return reader
         reader = self._new_reader(shard_id)
-        reader.open()
+        reader.open(checked=shard_id in self._checked)
+        self._checked.add(shard_id)
         self._open[shard_id] = reader
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)[1].close()
@@ -110,7 +113,9 @@ class PreparedDataset:
         keys = np.empty(len(shard_ids), dtype=np.int64)
         tokens = np.empty((len(shard_ids), self.manifest.seq_len + 1), dtype=np.int64)
         for row, (shard_id, member) in enumerate(zip(shard_ids.tolist(), members.tolist())):
-            keys[row], tokens[row] = self._reader(shard_id).read(member)
+            self._reads += 1
+            check = self.verify == "full" or (self.verify == "sampled" and self._reads % SAMPLED_EVERY == 1)
+            keys[row], tokens[row] = self._reader(shard_id).read(member, check_digest=check)
         return keys, tokens
 
     def verify_all(self) -> None:

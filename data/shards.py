@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import mmap
 import os
 import zlib
 from dataclasses import dataclass
@@ -198,30 +199,33 @@ class ShardReader:
         self._fix_hint = fix_hint
         self._stride = layout.member_bytes
         self._token_offset = TAR_BLOCK + layout.npy_header_bytes
-        self._map: np.memmap | None = None
+        self._map: mmap.mmap | None = None
         self._digests: np.ndarray | None = None
-        self._reads = 0  # members read by this reader (which ones "sampled" checks)
 
     @property
     def is_open(self) -> bool:
         return self._map is not None
 
-    def open(self) -> None:
-        """Check that the file exists and has the manifest's size, then memory-map it."""
+    def open(self, checked: bool = False) -> None:
+        """Memory-map the file after checking its size (and, unless `checked` says an earlier
+        open of this shard in this process did, its .npy header and digest file's sha256)."""
         if self._map is not None:
             return
-        if not os.path.exists(self.path):
-            raise ShardError(f"shard {self.path} is missing; {self._fix_hint}")
-        size = os.path.getsize(self.path)
-        if size != self.info.bytes:
-            raise ShardError(
-                f"shard {self.path} has {size} bytes but the manifest says {self.info.bytes} "
-                f"(truncated or overwritten); {self._fix_hint}"
-            )
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            raise ShardError(f"shard {self.path} is missing; {self._fix_hint}") from None
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != self.info.bytes:
+                raise ShardError(
+                    f"shard {self.path} has {size} bytes but the manifest says {self.info.bytes} "
+                    f"(truncated or overwritten); {self._fix_hint}"
+                )
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         if self.verify != "none":
-            self._digests = self._read_digests()
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        if self.info.samples:
+            self._digests = self._read_digests(check_sha256=not checked)
+        if self.info.samples and not checked:
             self._check_npy_header()
 
     def close(self) -> None:
@@ -229,7 +233,7 @@ class ShardReader:
         self._map = None
         self._digests = None
 
-    def _read_digests(self) -> np.ndarray:
+    def _read_digests(self, check_sha256: bool = True) -> np.ndarray:
         path = os.path.join(os.path.dirname(self.path), digests_name(os.path.basename(self.path)))
         try:
             with open(path, "rb") as handle:
@@ -237,7 +241,7 @@ class ShardReader:
         except FileNotFoundError:
             raise ShardError(f"digest file {path} is missing; {self._fix_hint}") from None
         if len(data) != self.info.samples * DIGEST_DTYPE.itemsize or \
-                hashlib.sha256(data).hexdigest() != self.info.digests_sha256:
+                (check_sha256 and hashlib.sha256(data).hexdigest() != self.info.digests_sha256):
             raise ShardError(f"digest file {path} does not match its sha256 in the manifest; {self._fix_hint}")
         return np.frombuffer(data, dtype=DIGEST_DTYPE)
 
@@ -265,8 +269,10 @@ class ShardReader:
         if self.info.digests_sha256 and self._digests is None:
             self._read_digests()
 
-    def read(self, index: int) -> tuple[int, np.ndarray]:
-        """(key, tokens) of sample `index` of this shard; tokens is (seq_len + 1,) of the shard dtype."""
+    def read(self, index: int, check_digest: bool = False) -> tuple[int, np.ndarray]:
+        """(key, tokens) of sample `index` of this shard; tokens is (seq_len + 1,) of the shard dtype.
+
+        check_digest: compare the member with its recorded CRC-32 (needs verify != "none")."""
         self.open()
         start = index * self._stride
         header = bytes(self._map[start : start + TAR_BLOCK])
@@ -276,8 +282,7 @@ class ShardReader:
                 f"shard {self.path}: member {index} is {name!r}, not a token sample at the expected "
                 f"offset (corrupted, or not written by titans-train); {self._fix_hint}"
             )
-        self._reads += 1
-        if self.verify == "full" or (self.verify == "sampled" and self._reads % SAMPLED_EVERY == 1):
+        if check_digest:
             if zlib.crc32(self._map[start : start + self._stride]) != self._digests[index]:
                 raise ShardError(
                     f"shard {self.path}: member {index} ({name}) does not match its digest (corrupted "

@@ -21,10 +21,10 @@ from titans_train.data import dataset as dataset_module
 from titans_train.data import order as order_module
 from titans_train.data.dataset import PreparedDataset
 from titans_train.data.loader import LoaderStateError, TokenLoader
-from titans_train.data.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
+from titans_train.data.manifest import MANIFEST_NAME, Manifest, read_manifest
 from titans_train.data.order import derive_seed, permute
 from titans_train.data.shards import digests_name
-from titans_train.data.tokenizer import ByteTokenizer
+from titans_train.data.synthetic import synthetic_manifest as write_synthetic_manifest
 
 TOKENS = 10**12
 SEQ_LEN = 2047  # samples of 2048 tokens: 488,281,250 samples
@@ -34,23 +34,7 @@ MICRO_BATCH = 64
 
 
 def synthetic_manifest(directory: str, tokens: int, shards: int, seed: int = 0) -> Manifest:
-    """A manifest of `tokens` tokens over `shards` shards whose files do not exist."""
-    samples = tokens // (SEQ_LEN + 1)
-    counts = np.full(shards, samples // shards, dtype=np.int64)
-    counts[: samples % shards] += 1
-    tokenizer = ByteTokenizer()
-    manifest = Manifest(
-        tokenizer={**tokenizer.identity.as_dict(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-                   "spec": "byte"},
-        seq_len=SEQ_LEN, dtype="uint16",
-        shards=[{"file": f"shard-{i:06d}.tar", "samples": int(n), "bytes": int(n) * 4608, "sha256": "0" * 64,
-                 "digests_sha256": "0" * 64} for i, n in enumerate(counts)],
-        sources=[], num_documents=samples, num_tokens=samples * (SEQ_LEN + 1), text_bytes=samples * (SEQ_LEN + 1),
-        shuffle_seed=seed,
-    ).finalize()
-    os.makedirs(directory, exist_ok=True)
-    write_manifest(directory, manifest)
-    return manifest
+    return write_synthetic_manifest(directory, tokens, shards, SEQ_LEN, seed)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +120,7 @@ def test_the_order_is_a_bijection_at_trillion_scale_sampled(n):
     """Distinct positions map to distinct samples in range (a sampled check of injectivity on a
     finite set, so of bijectivity), for every epoch and at the worst cycle-walking size (4^k + 1)."""
     rng = np.random.default_rng(n % 1000)
-    positions = np.unique(np.concatenate([rng.integers(0, n, 200_000, dtype=np.int64),
+    positions = np.unique(np.concatenate([rng.integers(0, n, 50_000, dtype=np.int64),
                                           np.arange(1000, dtype=np.int64), n - 1 - np.arange(1000, dtype=np.int64)]))
     for epoch in (0, 1, 10**6):
         image = permute(positions, n, seed=7, epoch=epoch)
