@@ -23,7 +23,7 @@ import itertools
 import os
 import statistics
 import tempfile
-import time
+import timeit
 
 from titans_train.data import dataset as dataset_module
 from titans_train.data.dataset import PreparedDataset
@@ -35,12 +35,7 @@ from titans_train.data.synthetic import synthetic_documents, synthetic_manifest,
 
 
 def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(function, number=1, repeat=repeats))
 
 
 def step_ms(directory: str, args, verify: str, max_open_shards: int | None = None) -> float:
