@@ -12,7 +12,9 @@ tokens, how long a sample is and how many ids there are, so a run needs nothing 
 A recipe's values for these keys are defaults the manifest replaces. A value given explicitly on
 the command line is checked instead: one that disagrees with the manifest is a `ConfigError`
 naming the key, both values and the fix. (The validation split is checked against the same
-tokenizer and seq_len when the loaders open it.)
+tokenizer and seq_len when the loaders open it.) A train_dir without a manifest on this machine
+leaves the recipe's values as they are: the recipe can still be shown, planned and sized, and
+training stops with a one-line ManifestError when its loader opens the directory.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ def apply_dataset_manifest(config: DictConfig, overrides: DictConfig) -> None:
         data.source = "shards"
     if data.source != "shards":
         return  # validate() names the bad value
-    manifest = read_manifest(data.train_dir)  # a ManifestError names the file and the fix
     where = os.path.join(data.train_dir, MANIFEST_NAME)
+    if not os.path.exists(where):
+        # Not prepared on this machine (yet): showing, planning or sizing a recipe needs no data,
+        # and training stops when its loader opens the directory (a ManifestError naming it).
+        return
+    manifest = read_manifest(data.train_dir)  # an unreadable one: a ManifestError naming the file and the fix
 
     seq_len = _explicit(overrides, "train.seq_len")
     if seq_len is not None and seq_len != manifest.seq_len:
