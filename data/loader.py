@@ -135,8 +135,13 @@ class _MicroBatchFetcher(torch.utils.data.Dataset):
         self.stream = stream
         self.micro_batch_size = micro_batch_size
 
-    def __getitem__(self, start: int) -> torch.Tensor:
-        _, _, tokens = self.stream.read(np.arange(start, start + self.micro_batch_size, dtype=np.int64))
+    def __getitem__(self, start: int) -> torch.Tensor | DataError:
+        try:
+            _, _, tokens = self.stream.read(np.arange(start, start + self.micro_batch_size, dtype=np.int64))
+        except DataError as error:
+            # Returned, not raised: a DataLoader worker would wrap it in a multi-line traceback
+            # message; the loader raises this very error in the main process instead.
+            return error
         return torch.from_numpy(tokens)  # (micro_batch, seq_len + 1) int64
 
     def __len__(self) -> int:  # the stream is endless; DataLoader only needs the method to exist
@@ -218,6 +223,8 @@ class TokenLoader:
         else:
             batches = map(fetcher.__getitem__, self._micro_batch_starts())
         for batch in batches:
+            if isinstance(batch, DataError):
+                raise batch
             # Count before yielding: a state saved right after the last micro-batch of a global
             # batch (that is, after the optimizer step) must already include that batch.
             self._micro_in_batch += 1

@@ -60,21 +60,22 @@ def global_index(dataset: PreparedDataset, shard_id: int, member: int) -> int:
     return int(np.flatnonzero((shard_ids == shard_id) & (members == member))[0])
 
 
-def epoch_of_batches(directory: str, verify: str) -> list:
+def epoch_of_batches(directory: str, verify: str, workers: int = 0) -> list:
     loader = TokenLoader(directory, seq_len=SEQ_LEN, global_batch_size=4, micro_batch_size=2, tokenizer="byte",
-                         verify=verify)
+                         verify=verify, num_workers=workers)
     return list(itertools.islice(loader, len(loader.stream.datasets[0]) // 2 + 1))
 
 
-def test_flipped_token_byte_is_caught_while_training_with_the_file_and_member_named(prepared):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_flipped_token_byte_is_caught_while_training_with_the_file_and_member_named(prepared, workers):
     flip_token_byte(prepared, "shard-000001.tar", member=3)
     with pytest.raises(ShardError) as caught:
-        epoch_of_batches(prepared, "full")  # one epoch reads every member once
+        epoch_of_batches(prepared, "full", workers)  # one epoch reads every member once
     message = str(caught.value)
-    assert "\n" not in message
+    assert "\n" not in message  # also from a loader worker process: the error itself, not a traceback
     assert f"{prepared}/shard-000001.tar: member 3 " in message and "does not match its digest" in message
     assert "titans-train data verify" in message and "prepare the dataset" in message
-    assert len(epoch_of_batches(prepared, "none")) > 0  # "none": the layout only, trains silently
+    assert len(epoch_of_batches(prepared, "none", workers)) > 0  # "none": the layout only, trains silently
 
 
 def test_sampled_checks_one_member_read_in_eight(prepared):
