@@ -15,8 +15,9 @@ A directory without a manifest is never read as a dataset, so no half-written st
 task; shards: a part of the shards per task; merge: the manifest), giving the identical dataset;
 `titans-train slurm prepare` submits them (docs/slurm.md).
 
-Scaling: the sample permutation is held in memory (8 bytes per sample) and the token stream is
-memory-mapped from disk; prepare corpora beyond ~10^9 samples in parts and mix them in the loader.
+Scaling: the shuffle is the seeded Feistel permutation the loader uses (`order.permute`), so each
+shard's samples are computed on their own in O(shard) memory, never a permutation of the whole
+corpus; the token stream is memory-mapped from disk.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import webdataset  # noqa: F401  imported before the pool forks (it pulls in tor
 
 from titans_train.data.errors import DataError, EmptyInputError
 from titans_train.data.manifest import MANIFEST_NAME, Manifest, write_manifest
+from titans_train.data.order import derive_seed, permute
 from titans_train.data.shards import SampleLayout, ShardInfo, digests_name, write_shard
 from titans_train.data.sources import expand_inputs, read_documents
 from titans_train.data.tokenizer import load_tokenizer, token_dtype
@@ -96,8 +98,14 @@ def _tokenize_batch(item: tuple[int, list[str], bool]) -> tuple[int, np.ndarray,
     return file_index, tokens, len(documents), text_bytes, is_last
 
 
+def _shard_keys(start: int, count: int, num_samples: int, seed: int) -> np.ndarray:
+    """Stream positions (keys) of the samples stored at places [start, start + count) of the shuffle."""
+    return permute(np.arange(start, start + count, dtype=np.int64), num_samples, derive_seed("prepare", seed), 0)
+
+
 def _write_shard_job(job: tuple) -> ShardInfo:
-    path, stream_file, dtype, keys, layout = job
+    path, stream_file, dtype, (start, count, num_samples, seed), layout = job
+    keys = _shard_keys(start, count, num_samples, seed)
     stream = np.memmap(stream_file, dtype=dtype, mode="r")
     width = layout.tokens_per_sample
     # Sample k is stream[k * width : (k + 1) * width]; sorted reads keep the disk access sequential.
@@ -311,13 +319,13 @@ def _shard_jobs(setup: _Setup, sources: list[_SourceTokens], output_dir: str, se
             f"the corpus has {num_tokens} tokens, fewer than one sample of seq_len + 1 = "
             f"{layout.tokens_per_sample}; add text or lower --seq-len"
         )
-    permutation = np.random.default_rng(seed).permutation(num_samples)
     per_shard = max(1, shard_bytes // layout.member_bytes)
     jobs = []
     for shard_index, start in enumerate(range(0, num_samples, per_shard)):
         path = os.path.join(output_dir, f"shard-{shard_index:06d}.tar")
-        jobs.append((path, stream_file, setup.dtype, permutation[start : start + per_shard], layout))
-    plan = f"{stream_file}\0{seed}\0{layout.seq_len}\0{setup.dtype}\0{per_shard}\0{num_samples}"
+        count = min(per_shard, num_samples - start)
+        jobs.append((path, stream_file, setup.dtype, (start, count, num_samples, seed), layout))
+    plan = f"{stream_file}\0{seed}\0{layout.seq_len}\0{setup.dtype}\0{per_shard}\0{num_samples}\0feistel"
     return jobs, plan
 
 
