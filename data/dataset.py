@@ -18,7 +18,7 @@ import numpy as np
 
 from titans_train.data.errors import ManifestError, ShardError
 from titans_train.data.manifest import Manifest, check_compatible, read_manifest
-from titans_train.data.shards import SAMPLED_EVERY, ShardInfo, ShardReader, digests_name
+from titans_train.data.shards import SAMPLED_EVERY, VERIFY_LEVELS, ShardInfo, ShardReader, digests_name
 from titans_train.data.tokenizer import load_tokenizer
 
 MAX_OPEN_SHARDS = 1024
@@ -27,6 +27,8 @@ MAX_OPEN_SHARDS = 1024
 class PreparedDataset:
     def __init__(self, directory: str, tokenizer=None, seq_len: int | None = None, *, verify: str = "full",
                  max_open_shards: int = MAX_OPEN_SHARDS) -> None:
+        if verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
         self.directory = os.path.abspath(directory)
         self.manifest: Manifest = read_manifest(self.directory)
         if isinstance(tokenizer, str):

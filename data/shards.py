@@ -180,17 +180,16 @@ def file_sha256(path: str, block_size: int = 1 << 22) -> str:
 
 
 class ShardReader:
-    """Random access to the samples of one shard, checked as `verify` says (VERIFY_LEVELS).
+    """Random access to the samples of one shard.
 
-    `open()` memory-maps the file (and reads its digests); `close()` drops the map, so a dataset
-    of many shards keeps only a bounded number open (`PreparedDataset`). Reading a closed
+    `open()` memory-maps the file (and, unless verify is "none", reads its digests); `close()`
+    drops the map, so a dataset of many shards keeps only a bounded number open
+    (`PreparedDataset`, which also decides which reads check their digest). Reading a closed
     reader reopens it. vocab_size: token ids must be below it (checked unless verify is "none").
     """
 
     def __init__(self, path: str, info: ShardInfo, layout: SampleLayout, fix_hint: str,
                  verify: str = "full", vocab_size: int | None = None) -> None:
-        if verify not in VERIFY_LEVELS:
-            raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
         self.path = path
         self.info = info
         self.layout = layout
