@@ -92,7 +92,7 @@ def builtin_corpus(cache_dir: str | None = None, tokenizer: str = "byte", seq_le
     if not files:
         raise EmptyInputError(f"{stdlib_dir} holds none of the built-in corpus modules; is it a Python stdlib?")
     tokenizer_object = load_tokenizer(tokenizer)
-    # "d2": shards with member digests; caches prepared before them are left alone and re-prepared.
+    # "d2": shards with member digests and the per-shard Feistel shuffle; older caches are left alone.
     key = f"{_content_key(stdlib_dir, files)}-{tokenizer_object.identity.sha256[:12]}-seq{seq_len}-d2"
     root = os.path.join(cache_dir, f"stdlib-{key}")
     splits = {
