@@ -6,7 +6,6 @@ the exact stream on another dp size, and the work per step is the same at step 0
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import json
@@ -53,17 +52,15 @@ class StubFiles:
 
     def __init__(self, monkeypatch) -> None:
         self.rows_read = 0
+        self.listings: dict[str, list[str]] = {}
         real_listdir = os.listdir
-
-        @functools.cache
-        def names(directory):
-            shards = [shard["file"] for shard in read_manifest(directory).shards]
-            return [MANIFEST_NAME] + shards + [digests_name(name) for name in shards]
 
         def listdir(directory):
             if not os.path.exists(os.path.join(directory, MANIFEST_NAME)):
                 return real_listdir(directory)
-            return names(directory)
+            if directory not in self.listings:
+                self.add(directory, read_manifest(directory))
+            return self.listings[directory]
 
         def read(dataset, indices):
             indices = np.asarray(indices, dtype=np.int64)
@@ -73,9 +70,12 @@ class StubFiles:
             tokens[:, 0] = indices
             return indices.copy(), tokens
 
-        self.list = listdir
         monkeypatch.setattr(dataset_module.os, "listdir", listdir)
         monkeypatch.setattr(PreparedDataset, "read", read)
+
+    def add(self, directory: str, manifest: Manifest) -> None:
+        shards = [shard["file"] for shard in manifest.shards]
+        self.listings[os.path.abspath(directory)] = [MANIFEST_NAME] + shards + [digests_name(name) for name in shards]
 
 
 def loader(datasets, dp_rank: int = 0, dp: int = 1, micro: int = MICRO_BATCH, seed: int = 3) -> TokenLoader:
@@ -98,8 +98,8 @@ def global_samples(datasets, state: dict | None, steps: int, dp: int = 1, micro:
 
 
 def test_a_manifest_of_100k_shards_and_10e12_tokens_opens_without_mapping_a_shard(tmp_path, monkeypatch):
-    synthetic_manifest(str(tmp_path), TOKENS, SHARDS)
-    StubFiles(monkeypatch).list(str(tmp_path))  # the fake listing is built before the clock starts
+    manifest = synthetic_manifest(str(tmp_path), TOKENS, SHARDS)
+    StubFiles(monkeypatch).add(str(tmp_path), manifest)  # the fake listing is made before the clock starts
     started = time.perf_counter()
     dataset = PreparedDataset(str(tmp_path), "byte", SEQ_LEN)
     seconds = time.perf_counter() - started
