@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("titans_train.data.cli", "prepare datasets, train tokenizers, inspect shards"),
     "slurm": ("titans_train.slurm.cli", "submit, watch and cancel SLURM jobs (training, sweeps, data preparation)"),
     "generate": ("titans_train.generate", "continue a prompt from a checkpoint, memory updating as it reads"),
+    "eval": ("titans_train.eval.cli", "evaluate a model: held-out perplexity by position, long-context retrieval"),
     "convert": ("titans_train.convert.cli", "a checkpoint of any layout to a Hugging Face model, or back"),
     "study": ("titans_train.study.cli", "scaling studies: plan, run, collect, fit and plot a grid of runs"),
 }

@@ -66,15 +66,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
-             seed: int = 0, stop_id: int | None = None, on_token=None) -> list[int]:
-    """Continue `prompt_ids`; the state (memory included) is carried from token to token."""
+             seed: int = 0, stop_id: int | None = None, on_token=None, state=None) -> list[int]:
+    """Continue `prompt_ids`; the state (memory included) is carried from token to token.
+    `state`: the model state after earlier text the prompt follows (None: the prompt starts it)."""
     if not prompt_ids:
         raise UserError("--prompt is empty: give at least one character to continue")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = model(torch.tensor([prompt_ids], device=device))  # (1, T): reads the prompt, memory updating
+    out = model(torch.tensor([prompt_ids], device=device), state=state)  # (1, T): reads the prompt, memory updating
     state, logits = out.state, out.logits[:, -1]
     generated: list[int] = []
     for _ in range(max_new_tokens):
