@@ -67,8 +67,12 @@ def parallelize(model: nn.Module, parallel_config, context: ParallelContext) -> 
     )
 
 
-def parallel_loss(model: nn.Module, tokens, plan: ParallelPlan, return_telemetry: bool = False) -> StepLoss:
+def parallel_loss(model: nn.Module, tokens, plan: ParallelPlan, return_telemetry: bool = False,
+                  sample_weights=None) -> StepLoss:
     """Loss of this replica's micro-batch `tokens` (B, T+1) under the plan's layout.
+
+    `sample_weights` (B,) scale each sample's token losses (evaluation: 0 for padding samples,
+    `titans_train.eval.distributed.padded_rounds`); None: every weight 1.
 
     Every rank of a replica passes the same tokens. The sp schedule: "relay", the span owners'
     wavefront (any model), or "scan", all span owners in lockstep (linear memory in lmm/mag/mal;
@@ -77,7 +81,8 @@ def parallel_loss(model: nn.Module, tokens, plan: ParallelPlan, return_telemetry
     context = plan.context
 
     def loss_fn(logits, labels):
-        return token_losses(logits, labels, context.tp_size)
+        losses = token_losses(logits, labels, context.tp_size)
+        return losses if sample_weights is None else losses * sample_weights[:, None]
 
     # tp sequence sharding: gathered norm outputs are kept for backward as their T-shards.
     saving = regather_norm_outputs() if plan.sequence_sharding else nullcontext()
@@ -102,5 +107,5 @@ class ParallelObjective(nn.Module):
         self.model = model
         self.plan = plan
 
-    def forward(self, tokens, return_telemetry: bool = False) -> StepLoss:
-        return parallel_loss(self.model, tokens, self.plan, return_telemetry)
+    def forward(self, tokens, return_telemetry: bool = False, sample_weights=None) -> StepLoss:
+        return parallel_loss(self.model, tokens, self.plan, return_telemetry, sample_weights)

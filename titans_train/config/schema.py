@@ -57,8 +57,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "fp32"
-    # Validation every `eval_interval` steps (0: only at start and end) on `eval_batches`
-    # micro-batches of the validation split.
+    # Validation every `eval_interval` steps (0: only at start and end) on the first
+    # `eval_batches` x `micro_batch_size` samples of the validation split, whatever the number
+    # of processes (so the same loss on any layout).
     eval_interval: int = 0
     eval_batches: int = 8
     # Start from these weights (a training checkpoint of any layout, or a `convert --to hf` dir);

@@ -78,3 +78,17 @@ class FullLogits(nn.Module):
             dist.all_gather(pieces, out.logits.contiguous(), group=self.context.tp_group)
             out.logits = torch.cat(pieces, dim=-1)[..., : self.model.config.vocab_size]
         return out
+
+
+def padded_rounds(count: int, replica: int, replicas: int, batch: int) -> list[tuple[list[int], list[bool]]]:
+    """`strided_part` in equal rounds of `batch` slots, for code whose forward passes must stay in
+    lockstep across replicas (ZeRO-3 gathers parameters in every forward): every replica runs
+    ceil(count / (replicas x batch)) rounds; slots past the end hold item 0 and are marked False
+    (weight 0)."""
+    mine = strided_part(count, replica, replicas)
+    rounds = -(-count // (replicas * batch))
+    out = []
+    for first in range(0, rounds * batch, batch):
+        slots = mine[first:first + batch]
+        out.append((slots + [0] * (batch - len(slots)), [True] * len(slots) + [False] * (batch - len(slots))))
+    return out

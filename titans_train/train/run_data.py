@@ -5,8 +5,9 @@ prepares under a file lock, the others wait), prepared shard directories are ope
 training loader's position (a global sample count) is what checkpoints store, so a run resumes
 exactly on any data-parallel size.
 
-Validation reads the validation split from its start, unshuffled, `train.eval_batches`
-micro-batches per data-parallel rank: the same tokens at every evaluation of a run.
+Validation reads the first `train.eval_batches x train.micro_batch_size` samples of the
+validation split (unshuffled), split over the data-parallel ranks: the same samples at every
+evaluation of a run and on any number of processes (`Trainer.evaluate`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class RunData:
     def validation_batches(self) -> Iterator[torch.Tensor]:
         self.validation_loader.rewind()
         return iter(self.validation_loader)
+
+    def validation_samples(self, positions: list[int]) -> torch.Tensor:
+        """(len(positions), seq_len + 1) LongTensor: the validation split's samples at `positions`."""
+        import numpy as np
+
+        _, _, tokens = self.validation_loader.stream.read(np.asarray(positions, dtype=np.int64))
+        return torch.from_numpy(tokens)
 
     def state_dict(self) -> dict[str, Any]:
         return self.train_loader.state_dict()

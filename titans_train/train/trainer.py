@@ -205,16 +205,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over `train.eval_batches` micro-batches per replica of the validation split."""
+        """Mean token loss over the first `train.eval_batches x micro_batch_size` samples of the
+        validation split: the same samples, so the same number, on any layout. Replica r takes
+        samples r, r + dp, ... in equal rounds (padding slots weigh 0), and each sample weighs
+        micro x dp / N, so every round's `step.loss` (a mean over the replicas' micro-batches) is
+        that round's share of the mean."""
+        from titans_train.eval.distributed import padded_rounds
+
+        micro = self.config.train.micro_batch_size
+        count = self.config.train.eval_batches * micro
+        dp = self.context.data_world_size
         self.engine.eval()
         total = 0.0
-        batches = self.data.validation_batches()
-        for _ in range(self.config.train.eval_batches):
-            step = self.engine(next(batches).to(self.device))
+        for positions, real in padded_rounds(count, self.context.data_rank, dp, micro):
+            weights = torch.tensor(real, dtype=torch.float32) * (micro * dp / count)
+            step = self.engine(self.data.validation_samples(positions).to(self.device),
+                               sample_weights=weights.to(self.device))
             step.relay.finish()
-            total += float(step.loss)  # already the mean over every replica's micro-batch
+            total += float(step.loss)
         self.engine.train()
-        return total / self.config.train.eval_batches
+        return total
 
     @torch.no_grad()
     def telemetry(self) -> dict[str, float]:
