@@ -21,6 +21,17 @@ PEOPLE = ("Mary", "John", "Daniel", "Sandra")
 PLACES = ("bathroom", "hallway", "kitchen", "garden", "office", "bedroom")
 OBJECTS = ("football", "apple", "milk")
 MOVES = ("went to", "moved to", "travelled to", "journeyed to")
+N_MOVES = 4  # plus, at most, two facts that make the question answerable
+
+
+def minimum_length(tokenizer) -> int:
+    """Tokens the longest possible story and question take: shorter lengths are refused, whatever
+    the seed (so a length that works for one seed works for every seed)."""
+    fact = max(len(tokenizer.encode(f" {who} {verb} the {what}. ")) for who in PEOPLE
+               for verb in (*MOVES, "picked up") for what in (*PLACES, *OBJECTS))
+    question = max(len(tokenizer.encode(f"\nQuestion: Where is {what}? Answer: "))
+                   for what in (*PEOPLE, *(f"the {thing}" for thing in OBJECTS)))
+    return (N_MOVES + 2) * fact + question + 1
 
 
 def _move(person: str, rng) -> tuple[str, str]:
@@ -28,7 +39,7 @@ def _move(person: str, rng) -> tuple[str, str]:
     return f"{person} {MOVES[int(rng.integers(len(MOVES)))]} the {place}.", place
 
 
-def story(task: str, rng: np.random.Generator, n_moves: int = 4) -> tuple[list[str], str, str]:
+def story(task: str, rng: np.random.Generator, n_moves: int = N_MOVES) -> tuple[list[str], str, str]:
     """(facts in order, question, answer)."""
     facts, where = [], {}
     for _ in range(n_moves):
@@ -54,16 +65,16 @@ def story(task: str, rng: np.random.Generator, n_moves: int = 4) -> tuple[list[s
 def babilong_probes(tokenizer, haystack: Haystack, lengths: list[int], seed: int, samples: int = 4,
                     tasks: tuple[str, ...] = QA_TASKS) -> list[Probe]:
     probes = []
+    needed = minimum_length(tokenizer)
     for length in lengths:
+        check_fits(length, needed, "longest story and question")
         for task_index, task in enumerate(tasks):
             for index in range(samples):
                 rng = np.random.default_rng([seed, length, task_index, index])
                 facts, question, answer = story(task, rng)
                 fact_ids = [tokenizer.encode(f" {fact} ") for fact in facts]
                 question_ids = tokenizer.encode(question)
-                needed = sum(map(len, fact_ids)) + len(question_ids)
-                check_fits(length, needed + 1, f"{task} facts and question")
-                hay = haystack.take(length - needed, rng)
+                hay = haystack.take(length - sum(map(len, fact_ids)) - len(question_ids), rng)
                 cuts = np.sort(rng.integers(0, len(hay) + 1, len(facts))).tolist()
                 context, needles, previous = [], [], 0
                 for cut, ids, fact in zip(cuts, fact_ids, facts):
