@@ -24,19 +24,26 @@ class EvalSources:
     hf: str
 
 
-def build_sources(root: Path) -> EvalSources:
-    from titans_train.config import load_recipe, model_config, to_container
-    from titans_train.convert.consolidate import consolidate
-    from titans_train.convert.hf_export import export_hf
-    from titans_train.convert.to_checkpoint import write_checkpoint
+def prepare_held_out(root: Path) -> str:
+    """A prepared split of ~40 samples of SEQ_LEN + 1 bytes."""
     from titans_train.data.prepare import prepare_dataset
     from titans_train.data.synthetic import numbered_documents, write_corpus
-    from titans_train.model import TitansLM
 
     write_corpus(str(root / "corpus"), numbered_documents(8, 30, 0), "jsonl")
     data = str(root / "held-out")
     prepare_dataset([str(root / "corpus")], data, "byte", SEQ_LEN, shard_bytes=1 << 14, num_workers=1,
                     progress=False)
+    return data
+
+
+def build_sources(root: Path) -> EvalSources:
+    from titans_train.config import load_recipe, model_config, to_container
+    from titans_train.convert.consolidate import consolidate
+    from titans_train.convert.hf_export import export_hf
+    from titans_train.convert.to_checkpoint import write_checkpoint
+    from titans_train.model import TitansLM
+
+    data = prepare_held_out(root)
     recipe = load_recipe("debug", ["data.source=shards", f"data.train_dir={data}", f"data.validation_dir={data}"])
     torch.manual_seed(0)
     model = TitansLM(model_config(recipe))

@@ -1,6 +1,7 @@
-"""In-training validation is over a fixed set of samples, so 1 and 2 processes report the same loss.
+"""In-training evaluation is layout-independent: validation is over a fixed set of samples and
+`train.eval_tasks` over fixed items, so 1 and 2 processes report the same numbers.
 
-The set is the first eval_batches x micro_batch_size validation samples whatever the layout;
+The validation set is the first eval_batches x micro_batch_size samples whatever the layout;
 eval_batches=3 with 2 data-parallel ranks leaves each rank a padded last round (weight 0), and
 ZeRO-3 needs every rank's forward passes in lockstep. (Before, each rank averaged eval_batches
 micro-batches of its own, so 2 ranks validated on twice as many samples as 1.)
@@ -8,33 +9,67 @@ micro-batches of its own, so 2 ranks validated on twice as many samples as 1.)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
 from distributed import run_distributed
+from eval_fixtures import SEQ_LEN, prepare_held_out
 
-COMMON = ["train.steps=1", "train.eval_batches=3", "checkpoint.save_final=false"]
-LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3"], "tp2": ["parallel.tp=2", "parallel.zero_stage=1"]}
+TASKS = ["train.eval_tasks=[ppl,mqar]", "train.eval_lengths=[1x]"]
+# dp2-zero3 validates at the start and the end only (steps 0 and 2), to keep the test short.
+LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3", "train.eval_interval=0"],
+           "tp2": ["parallel.tp=2", "parallel.zero_stage=1", *TASKS]}
 
 
-def validation_rank(root: str, layouts: dict[str, list[str]]) -> dict[str, dict[int, float]]:
+def _common(root: Path, data: str) -> list[str]:
+    return ["train.steps=2", "train.eval_interval=1", "train.eval_batches=3", "checkpoint.save_final=false",
+            "data.source=shards", f"data.train_dir={data}", f"data.validation_dir={data}", f"train.seq_len={SEQ_LEN}"]
+
+
+def evaluation_rank(root: str, data: str, layouts: dict[str, list[str]]) -> dict:
     from titans_train.config import load_recipe
     from titans_train.train.trainer import train
 
     out = {}
     for name, overrides in layouts.items():
-        config = load_recipe("debug", [f"run_dir={Path(root) / name}", *COMMON, *overrides], world_size=None)
-        out[name] = train(config).validation
+        config = load_recipe("debug", [f"run_dir={Path(root) / name}", *_common(Path(root), data), *overrides],
+                             world_size=None)
+        result = train(config)
+        out[name] = {"validation": result.validation, "tasks": result.eval_tasks}
     return out
 
 
-def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
-    (one,) = run_distributed("test_eval_validation:validation_rank", 1, 240, init_process_group=False,
-                             root=str(tmp_path / "one"), layouts={"one": ["parallel.zero_stage=0"]})
-    two = run_distributed("test_eval_validation:validation_rank", 2, 300, init_process_group=False,
-                          root=str(tmp_path / "two"), layouts=LAYOUTS)
+def test_validation_and_eval_tasks_are_the_same_on_one_and_two_processes(tmp_path):
+    data = prepare_held_out(tmp_path)
+    (one,) = run_distributed("test_eval_validation:evaluation_rank", 1, 240, init_process_group=False,
+                             root=str(tmp_path / "one"), data=data, layouts={"one": ["parallel.zero_stage=0", *TASKS]})
+    two = run_distributed("test_eval_validation:evaluation_rank", 2, 300, init_process_group=False,
+                          root=str(tmp_path / "two"), data=data, layouts=LAYOUTS)
     reference = one["one"]
-    assert sorted(reference) == [0, 1]
+    assert sorted(reference["validation"]) == sorted(reference["tasks"]) == [0, 1, 2]  # start, periodic, end
+    assert {"eval/ppl/loss", "eval/ppl/len64/loss", "eval/mqar/accuracy", "eval/mqar/length64/accuracy"} <= set(
+        reference["tasks"][2])
     for name in LAYOUTS:
-        assert two[0][name] == two[1][name], name  # every rank reports the global number
-        for step, loss in reference.items():
-            assert abs(two[0][name][step] - loss) <= 1e-5 * loss, (name, step, two[0][name][step], loss)
+        assert two[0][name] == two[1][name], name  # every rank reports the global numbers
+        assert set(two[0][name]["validation"]) <= set(reference["validation"]), name
+        for step, loss in two[0][name]["validation"].items():
+            assert loss == pytest.approx(reference["validation"][step], rel=1e-5), (name, step)
+    for step, metrics in reference["tasks"].items():
+        assert two[0]["tp2"]["tasks"][step] == pytest.approx(metrics, rel=1e-5), step
+    logged = [json.loads(line) for line in (tmp_path / "one" / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in logged if "eval/mqar/accuracy" in record] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.eval_tasks=[ppl,needle]"], "train.eval_tasks"),
+    (["train.eval_tasks=[niah]", "train.eval_lengths=[4y]"], "train.eval_lengths"),
+    (["train.eval_tasks=[niah]", "parallel.zero_stage=3"], "train.eval_tasks"),
+])
+def test_eval_task_settings_are_validated_naming_the_key(overrides, key):
+    from titans_train.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError) as caught:
+        load_recipe("debug", overrides)
+    assert caught.value.key == key

@@ -62,6 +62,10 @@ class TrainConfig:
     # of processes (so the same loss on any layout).
     eval_interval: int = 0
     eval_batches: int = 8
+    # Evaluation tasks run with each validation (titans_train.eval: ppl, niah, babilong, mqar; see
+    # docs/evals.md) at `eval_lengths` (multiples of seq_len such as "2x", or token counts).
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_lengths: List[str] = field(default_factory=lambda: ["1x"])
     # Start from these weights (a training checkpoint of any layout, or a `convert --to hf` dir);
     # empty: fresh initialisation. A resumable checkpoint in checkpoint.dir takes precedence.
     init_from: str = ""

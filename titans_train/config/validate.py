@@ -7,6 +7,7 @@ lives in `batch_plan`, which the trainer also uses, so the numbers checked are t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -120,6 +121,25 @@ def model_config(config: DictConfig):
         raise InvalidValueError(f"model.{error.field}", str(error)) from error
 
 
+def _check_eval_tasks(config: DictConfig) -> None:
+    from titans_train.eval import TASKS
+
+    for task in config.train.eval_tasks:
+        check_choice("train.eval_tasks", task, TASKS)
+    if not config.train.eval_tasks:
+        return
+    for length in config.train.eval_lengths:
+        text = str(length)
+        if not re.fullmatch(r"\d+|\d*\.?\d+x", text):
+            raise InvalidValueError("train.eval_lengths", f"{text!r} is neither a token count (512) nor a multiple "
+                                    "of train.seq_len (2x)")
+    # The tasks run the model's own forward on each rank's parameters; ZeRO-3 partitions them.
+    if config.parallel.zero_stage == 3 or config.parallel.tp_sequence_sharding:
+        raise InvalidValueError("train.eval_tasks", "runs with parallel.zero_stage <= 2 and without "
+                                "parallel.tp_sequence_sharding; evaluate this run's checkpoints with "
+                                "`titans-train eval` instead")
+
+
 def validate(config: DictConfig, world_size: int | None = 1) -> None:
     train = config.train
     model_config(config)
@@ -142,6 +162,7 @@ def validate(config: DictConfig, world_size: int | None = 1) -> None:
     _positive(config, "train.eps", "parallel.timeout_s")
     if train.eval_batches < 1:
         raise InvalidValueError("train.eval_batches", f"must be >= 1, got {train.eval_batches}")
+    _check_eval_tasks(config)
     if config.checkpoint.keep_last < 1:
         raise InvalidValueError("checkpoint.keep_last", f"must be >= 1, got {config.checkpoint.keep_last}")
     if config.logging.interval < 1:

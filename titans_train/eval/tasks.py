@@ -15,14 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from titans_train.eval import TASKS
 from titans_train.eval.distributed import EvalLayout, FullLogits, all_reduce_sums
 from titans_train.eval.errors import EvalOptionError
 from titans_train.eval.haystack import HAYSTACKS, Haystack
 from titans_train.eval.niah import DEFAULT_DEPTHS, NEEDLES
 from titans_train.eval.probes import Probe, greedy_answerer, score, write_probes
 
-TASKS = ("ppl", "niah", "babilong", "mqar")
-GENERATION_TASKS = TASKS[1:]
 
 
 @dataclass

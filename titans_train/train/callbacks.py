@@ -11,7 +11,8 @@ They run in the order of `default_callbacks`, which matters:
 3. `ProgressLog`: the progress line and `train/*` metrics (loss, lr, gradient norm, tokens/s,
    MFU) every `logging.interval` steps, at the last step and when stopping;
 4. `TelemetryLog`: per-layer memory statistics every `logging.telemetry_interval` steps;
-5. `Evaluation`: validation loss at the start, every `train.eval_interval` steps, at the end;
+5. `Evaluation`: validation loss (and `train.eval_tasks`) at the start, every
+   `train.eval_interval` steps, at the end;
 6. `Checkpointing`: every `checkpoint.interval` steps, on a stop that asks for it, at the end.
 
 Collective work (evaluation, telemetry, saving, the stop agreement) runs on every rank; only
@@ -133,18 +134,25 @@ class TelemetryLog(Callback):
 
 
 class Evaluation(Callback):
+    """Validation loss, then `train.eval_tasks` if any, at the start, periodically and at the end."""
+
+    def _evaluate(self, trainer, label: str) -> None:
+        trainer.log_validation(label)
+        if trainer.config.train.eval_tasks:
+            trainer.log_eval_tasks(label)
+
     def on_train_start(self, trainer):
         if trainer.step == 0 or trainer.config.train.eval_interval == 0:
-            trainer.log_validation("resumed" if trainer.result.resumed_from else "start")
+            self._evaluate(trainer, "resumed" if trainer.result.resumed_from else "start")
 
     def on_step_end(self, trainer, metrics):
         every = trainer.config.train.eval_interval
         if (every and metrics.step % every == 0 and metrics.step != trainer.batch.total_steps
                 and _healthy(trainer)):
-            trainer.log_validation("periodic")
+            self._evaluate(trainer, "periodic")
 
     def on_train_end(self, trainer):
-        trainer.log_validation("end")
+        self._evaluate(trainer, "end")
 
 
 class Checkpointing(Callback):

@@ -49,6 +49,7 @@ class TrainResult:
     tokens_seen: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean training loss
     validation: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    eval_tasks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> train.eval_tasks metrics
     resumed_from: str | None = None
     checkpoint: str | None = None
     rank: int = 0
@@ -111,6 +112,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.stop: StopRequest | None = None
+        self._task_evaluation = None
         self.result = TrainResult(exit_code=EXIT_OK, step=0, tokens_seen=0)
 
     # ---- setup --------------------------------------------------------------------------------
@@ -243,6 +245,22 @@ class Trainer:
         self.logger.info(f"validation ({label}, step {self.step}): loss {loss:.4f} | ppl {ppl:.2f}")
         self.logger.metrics(self.step, {"val/loss": loss, "val/ppl": ppl})
         return loss
+
+    def log_eval_tasks(self, label: str) -> dict:
+        """`train.eval_tasks` on the current weights (`titans_train.eval.during_training`), logged."""
+        from titans_train.eval.tasks import flat_metrics
+
+        if self._task_evaluation is None:
+            from titans_train.eval.during_training import TrainingEvaluation
+
+            self._task_evaluation = TrainingEvaluation(self)
+        metrics = flat_metrics(self._task_evaluation.run())
+        self.result.eval_tasks[self.step] = metrics
+        summary = " | ".join(f"{key.removeprefix('eval/')} {value:.4g}" for key, value in metrics.items()
+                             if key.count("/") == 2)
+        self.logger.info(f"eval tasks ({label}, step {self.step}): {summary}")
+        self.logger.metrics(self.step, metrics)
+        return metrics
 
     def save(self) -> Path:
         trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}
