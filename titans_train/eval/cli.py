@@ -142,5 +142,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[eval] wrote {path}", file=sys.stderr)
         print(f"[eval] wrote {out}", file=sys.stderr)
     if args.wandb != "disabled":
-        _log_wandb(loaded, results, args.wandb, Path(args.out).parent if args.out else Path(loaded.origin).parent)
+        _log_wandb(loaded, results, args.wandb,
+                   Path(args.out).parent if args.out else Path("runs") / f"{loaded.config.name}-eval")
     return 0
