@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from eval_fixtures import SEQ_LEN, build_sources
 
-LENGTHS = [4 * SEQ_LEN]  # ppl adds the training length
-
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
@@ -34,34 +32,37 @@ def _world_of_one():
     return EvalLayout.from_context(ParallelContext.initialize())
 
 
-def _options(**changes):
-    from titans_train.eval.tasks import EvalOptions
+def _parsed(argv: list[str]):
+    import argparse
 
-    return EvalOptions(**{"tasks": ["ppl", "niah"], "lengths": LENGTHS, "samples": 1, "depths": (0.0, 1.0),
-                          "haystack": "repeat", "batch_size": 4, **changes})
+    from titans_train.eval.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def evaluate_layouts(source: str, data: str, tps: list[int]) -> dict:
-    """Results of ppl + niah, and the greedy answers to two mqar probes, for each tp size."""
+    """`eval` results (ppl + niah) and the greedy answers to an mqar probe, for each tp size."""
+    from titans_train.eval.cli import evaluate
     from titans_train.eval.distributed import EvalLayout, FullLogits
     from titans_train.eval.mqar import mqar_probes
-    from titans_train.eval.ppl import held_out_stream
     from titans_train.eval.probes import greedy_answerer
     from titans_train.eval.source import load_source
-    from titans_train.eval.tasks import run_tasks
     from titans_train.parallel import ParallelContext
     from titans_train.parallel.parallelize import parallelize
 
     out = {}
     for tp in tps:
+        results, _ = evaluate(_parsed([source, "--tasks", "ppl,niah", "--lengths", "4x", "--samples", "1",
+                                       "--depths", "0,1", "--haystack", "repeat", "--batch-size", "4",
+                                       "--data", data, "--tp", str(tp)]))
         loaded = load_source(source)
-        layout = EvalLayout.from_context(ParallelContext.initialize(tp=tp))
-        parallelize(loaded.model, None, layout.context)
-        stream = held_out_stream(data, loaded.tokenizer)
-        results = run_tasks(loaded.model, loaded.tokenizer, layout, _options(), SEQ_LEN, stream)
-        answer = greedy_answerer(FullLogits(loaded.model, layout.context), SEQ_LEN)
-        probes = mqar_probes(loaded.tokenizer, [96], seed=1, samples=1)
-        out[tp] = {"results": results, "answers": [answer(probe, loaded.tokenizer) for probe in probes]}
+        context = ParallelContext.initialize(tp=tp)
+        parallelize(loaded.model, None, context)
+        answer = greedy_answerer(FullLogits(loaded.model, context), SEQ_LEN)
+        (probe,) = mqar_probes(loaded.tokenizer, [96], seed=1, samples=1)
+        out[tp] = {"results": results, "answers": answer(probe, loaded.tokenizer), "layout": results["layout"]}
     return out
 
 
@@ -113,10 +114,11 @@ def test_two_processes_dp_and_tp_give_the_numbers_of_one(sources):
     (one,) = evaluate_layouts(sources.checkpoint, sources.data, [1]).values()
     two = run_distributed("test_eval_ppl:evaluate_layouts", 2, 300, source=sources.checkpoint, data=sources.data,
                           tps=[1, 2])
-    assert one["results"]["ppl"]["by_length"][-1]["windows"] > 2  # several windows to split
+    assert one["results"]["tasks"]["ppl"]["by_length"][-1]["windows"] > 2  # several windows to split
+    assert [two[0][tp]["layout"] for tp in (1, 2)] == [{"tp": 1, "replicas": 2}, {"tp": 2, "replicas": 1}]
     for rank in (0, 1):
         for tp, label in ((1, "dp 2"), (2, "tp 2")):
-            _assert_same_results(two[rank][tp]["results"], one["results"], f"{label}, rank {rank}")
+            _assert_same_results(two[rank][tp]["results"]["tasks"], one["results"]["tasks"], f"{label}, rank {rank}")
             assert two[rank][tp]["answers"] == one["answers"], (label, rank)
 
 

@@ -82,25 +82,23 @@ def _shard(loaded, layout, tp: int) -> None:
     parallelize(loaded.model, None, layout.context)
 
 
-def _log_wandb(loaded, results: dict, mode: str, out_dir: Path) -> None:
+def _log_wandb(results: dict, config, mode: str, out_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     from titans_train.config import to_container
     from titans_train.eval.tasks import flat_metrics
     from titans_train.train.logging import RunLogger
 
-    config = OmegaConf.merge(loaded.config, {"run_dir": str(out_dir), "logging": {
-        "wandb_mode": mode, "wandb_name": f"{loaded.config.name}-eval"}})
+    config = OmegaConf.merge(config, {"run_dir": str(out_dir), "logging": {
+        "wandb_mode": mode, "wandb_name": f"{config.name}-eval"}})
     logger = RunLogger(config, enabled=True, resolved_config={"eval": results["options"], **to_container(config)})
     logger.metrics(results["step"], flat_metrics(results["tasks"]))
     logger.close()
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-
+def evaluate(args: argparse.Namespace):
+    """(results, the source's run config) on every rank: collective under a launcher."""
     from titans_train.eval.ppl import held_out_stream
-    from titans_train.eval.report import HEATMAP_COLUMNS, heatmap, table, write_json
     from titans_train.eval.source import load_source
     from titans_train.eval.tasks import EvalOptions, check_options, parse_lengths, parse_tasks, run_tasks
 
@@ -123,14 +121,20 @@ def run(args: argparse.Namespace) -> int:
     if "ppl" in tasks or args.data:
         held_out = held_out_stream(held_out_directory(loaded.config, args.data), loaded.tokenizer)
         haystack = held_out if args.data else None
-    results = {"source": loaded.origin, "step": loaded.step, "seed": args.seed,
+    results = {"source": loaded.origin, "name": loaded.config.name, "step": loaded.step, "seed": args.seed,
                "layout": {"tp": layout.context.tp_size, "replicas": layout.replicas},
                "options": {"tasks": tasks, "lengths": options.lengths, "samples": options.samples,
                            "depths": list(depths), "needle": options.needle, "haystack": options.haystack,
                            "data": args.data},
                "tasks": run_tasks(loaded.model, loaded.tokenizer, layout, options, seq_len, held_out, haystack)}
-    if not layout.is_main:
-        return 0
+    return results, loaded.config
+
+
+def report(results: dict, config, args: argparse.Namespace) -> None:
+    import json
+
+    from titans_train.eval.report import HEATMAP_COLUMNS, heatmap, table, write_json
+
     print(json.dumps(results, indent=1) if args.json else table(results), flush=True)
     if args.out:
         out = Path(args.out)
@@ -138,10 +142,21 @@ def run(args: argparse.Namespace) -> int:
         for task, column in HEATMAP_COLUMNS.items():
             if task in results["tasks"]:
                 path = heatmap(results["tasks"][task], column, out.with_suffix(f".{task}.png"),
-                               f"{task}: {Path(loaded.origin).name}")
+                               f"{task}: {results['name']} step {results['step']}")
                 print(f"[eval] wrote {path}", file=sys.stderr)
         print(f"[eval] wrote {out}", file=sys.stderr)
     if args.wandb != "disabled":
-        _log_wandb(loaded, results, args.wandb,
-                   Path(args.out).parent if args.out else Path("runs") / f"{loaded.config.name}-eval")
+        _log_wandb(results, config, args.wandb,
+                   Path(args.out).parent if args.out else Path("runs") / f"{results['name']}-eval")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from titans_train.train.distributed import shutdown_distributed
+
+    results, config = evaluate(args)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        report(results, config, args)
+    shutdown_distributed()
     return 0

@@ -37,8 +37,6 @@ class EvalLayout:
     @classmethod
     def from_context(cls, context) -> "EvalLayout":
         """Replicas are the gradient group (dp x sp): every rank of it holds a whole model copy."""
-        from titans_train.parallel.context import ParallelContext  # noqa: F401 (the type)
-
         replicas = context.layout.dp * context.layout.sp
         replica = context.coordinates.dp_rank * context.layout.sp + context.coordinates.sp_rank
         return cls(context, replica, replicas, context.gradient_group if dist.is_initialized() else None)
