@@ -61,6 +61,8 @@ def _layout(tp: int):
     from titans_train.parallel import ParallelContext
     from titans_train.parallel.layout import ParallelConfigError
 
+    if tp > 1:  # megatron's tensor-parallel linears warn without it (see titans_train/train/cli.py)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from titans_train.train.distributed import init_distributed
 
