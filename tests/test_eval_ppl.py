@@ -164,3 +164,23 @@ def test_a_source_that_is_not_a_model_is_one_line_naming_it(sources, capsys, tmp
         assert main(["eval", str(source), "--tasks", "ppl"]) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and error.startswith(f"error: SOURCE {source}:"), error
+
+
+def test_the_command_prints_a_table_and_writes_json_heatmaps_and_the_probes(sources, capsys, tmp_path):
+    from titans_train.cli import main
+
+    out = tmp_path / "results" / "eval.json"
+    assert main(["eval", sources.checkpoint, "--tasks", "niah,babilong", "--lengths", "300", "--samples", "1",
+                 "--depths", "0,0.5,1", "--haystack", "repeat", "--out", str(out),
+                 "--write-data", str(tmp_path / "probes")]) == 0
+    printed = capsys.readouterr().out
+    assert "niah: accuracy" in printed and "length=300 depth=0.5" in printed and "length=300 qa=qa2" in printed
+    results = json.loads(out.read_text())
+    assert [(c["length"], c["depth"]) for c in results["tasks"]["niah"]["cells"]] == [(300, 0.0), (300, 0.5), (300, 1.0)]
+    for task in ("niah", "babilong"):
+        assert (tmp_path / "results" / f"eval.{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        probes = [json.loads(line) for line in (tmp_path / "probes" / f"{task}.jsonl").read_text().splitlines()]
+        assert len(probes) == results["tasks"][task]["probes"]
+        for probe in probes:
+            for needle in probe["needles"]:
+                assert needle["text"] in probe["context"]
