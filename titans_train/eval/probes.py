@@ -41,9 +41,9 @@ class Probe:
                 "needles": [{"offset": offset, "text": text} for offset, text in self.needles]}
 
 
-def check_fits(option_value: int, needed: int, what: str) -> None:
-    if option_value < needed:
-        raise EvalOptionError("--lengths", f"{option_value} tokens is below the {needed} tokens of the {what}; "
+def check_fits(length: int, needed: int, what: str) -> None:
+    if length < needed:
+        raise EvalOptionError("--lengths", f"{length} tokens is below the {needed} tokens of the {what}; "
                               f"use lengths >= {needed}")
 
 
