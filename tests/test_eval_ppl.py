@@ -101,6 +101,22 @@ def test_streaming_four_times_the_training_length_equals_the_whole_window_forwar
     assert not torch.allclose(fresh[:, SEQ_LEN:], whole[:, SEQ_LEN:], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mag", "mal", "swa", "transformer"])
+def test_streaming_equals_the_whole_forward_for_every_other_variant(sources, variant):
+    from titans_train.config import load_recipe, model_config
+    from titans_train.eval.ppl import held_out_stream, streamed_token_losses, windows
+    from titans_train.model import TitansLM
+    from titans_train.parallel.tensor_parallel import token_losses
+
+    torch.manual_seed(1)
+    model = TitansLM(model_config(load_recipe("debug", [f"model.variant={variant}"]))).eval()
+    batch = torch.from_numpy(windows(held_out_stream(sources.data), 4 * SEQ_LEN)[:2].astype(np.int64))
+    streamed = streamed_token_losses(model, batch, SEQ_LEN, _world_of_one().context)
+    with torch.no_grad():
+        whole = token_losses(model(batch[:, :-1]).logits, batch[:, 1:])
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
+
+
 def _assert_same_results(actual: dict, expected: dict, label: str) -> None:
     assert actual["niah"] == expected["niah"], label
     for a, e in zip(actual["ppl"]["by_length"], expected["ppl"]["by_length"], strict=True):
