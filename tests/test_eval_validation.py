@@ -19,7 +19,7 @@ from eval_fixtures import SEQ_LEN, prepare_held_out
 
 TASKS = ["train.eval_tasks=[ppl,mqar]", "train.eval_lengths=[1x]"]
 # dp2-zero3 validates at the start and the end only (steps 0 and 2), to keep the test short.
-LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3", "train.eval_interval=0"],
+LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3", "train.eval_interval=0", *TASKS],
            "tp2": ["parallel.tp=2", "parallel.zero_stage=1", *TASKS]}
 
 
@@ -56,8 +56,10 @@ def test_validation_and_eval_tasks_are_the_same_on_one_and_two_processes(tmp_pat
         assert set(two[0][name]["validation"]) <= set(reference["validation"]), name
         for step, loss in two[0][name]["validation"].items():
             assert loss == pytest.approx(reference["validation"][step], rel=1e-5), (name, step)
-    for step, metrics in reference["tasks"].items():
-        assert two[0]["tp2"]["tasks"][step] == pytest.approx(metrics, rel=1e-5), step
+    for name in LAYOUTS:
+        assert set(two[0][name]["tasks"]) <= set(reference["tasks"]), name
+        for step, metrics in two[0][name]["tasks"].items():
+            assert metrics == pytest.approx(reference["tasks"][step], rel=1e-5), (name, step)
     logged = [json.loads(line) for line in (tmp_path / "one" / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in logged if "eval/mqar/accuracy" in record] == [0, 1, 2]
 
@@ -65,11 +67,11 @@ def test_validation_and_eval_tasks_are_the_same_on_one_and_two_processes(tmp_pat
 @pytest.mark.parametrize("overrides, key", [
     (["train.eval_tasks=[ppl,needle]"], "train.eval_tasks"),
     (["train.eval_tasks=[niah]", "train.eval_lengths=[4y]"], "train.eval_lengths"),
-    (["train.eval_tasks=[niah]", "parallel.zero_stage=3"], "train.eval_tasks"),
+    (["train.eval_tasks=[niah]", "parallel.tp=2", "parallel.tp_sequence_sharding=true"], "train.eval_tasks"),
 ])
 def test_eval_task_settings_are_validated_naming_the_key(overrides, key):
     from titans_train.config import ConfigError, load_recipe
 
     with pytest.raises(ConfigError) as caught:
-        load_recipe("debug", overrides)
+        load_recipe("debug", overrides, world_size=2)
     assert caught.value.key == key

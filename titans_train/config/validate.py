@@ -133,11 +133,10 @@ def _check_eval_tasks(config: DictConfig) -> None:
         if not re.fullmatch(r"\d+|\d*\.?\d+x", text):
             raise InvalidValueError("train.eval_lengths", f"{text!r} is neither a token count (512) nor a multiple "
                                     "of train.seq_len (2x)")
-    # The tasks run the model's own forward on each rank's parameters; ZeRO-3 partitions them.
-    if config.parallel.zero_stage == 3 or config.parallel.tp_sequence_sharding:
-        raise InvalidValueError("train.eval_tasks", "runs with parallel.zero_stage <= 2 and without "
-                                "parallel.tp_sequence_sharding; evaluate this run's checkpoints with "
-                                "`titans-train eval` instead")
+    # The tasks call the model's own forward, whose sequence-sharded norms expect the training drive.
+    if config.parallel.tp_sequence_sharding and config.parallel.tp > 1:
+        raise InvalidValueError("train.eval_tasks", "does not run with parallel.tp_sequence_sharding; evaluate "
+                                "this run's checkpoints with `titans-train eval` instead")
 
 
 def validate(config: DictConfig, world_size: int | None = 1) -> None:

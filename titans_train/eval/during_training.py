@@ -1,9 +1,11 @@
 """Evaluation tasks inside a training run (`train.eval_tasks` at each validation).
 
-The trainer's model (tp-sharded for the run's layout, whole parameters under ZeRO 0-2) is
-evaluated in place with `run_tasks`: every rank of the gradient group (dp x sp) is a replica
-taking its strided part of the items, so the numbers are those `titans-train eval` gives for a
-checkpoint of the same weights. `ppl` reads the run's validation split; the retrieval tasks use
+The trainer's model (tp-sharded for the run's layout) is evaluated with `run_tasks`: under ZeRO
+0-2 in place (every rank holds its tp shard whole), under ZeRO-3 as a copy whose parameters are
+gathered once per evaluation (ZeRO-3 partitions them between forward passes; the copy holds one
+tp shard of the model). Every rank of the gradient group (dp x sp) is a replica taking its strided
+part of the items, so the numbers are those `titans-train eval` gives for a checkpoint of the
+same weights. `ppl` reads the run's validation split; the retrieval tasks use
 the run's seed.
 """
 
@@ -35,6 +37,25 @@ class TrainingEvaluation:
             self._held_out = held_out_stream(directory, self.trainer.data.tokenizer)
         return self._held_out
 
+    def model(self):
+        """The model to evaluate: the live one, or under ZeRO-3 a gathered copy of this rank's shard."""
+        trainer = self.trainer
+        live = trainer.engine.module.model
+        if trainer.config.parallel.zero_stage < 3:
+            return live
+        import deepspeed
+
+        from titans_train.model import TitansLM
+        from titans_train.parallel.parallelize import parallelize
+
+        copy = TitansLM(trainer.titans_config)
+        parallelize(copy, trainer.config.parallel, trainer.context)
+        partitioned = dict(live.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(partitioned.values())):
+            for name, parameter in copy.named_parameters():
+                parameter.data.copy_(partitioned[name].data)
+        return copy.to(next(iter(partitioned.values())).device)
+
     def run(self) -> dict:
         """Results by task, the same on every rank."""
         from titans_train.eval.distributed import EvalLayout
@@ -44,7 +65,7 @@ class TrainingEvaluation:
         try:
             options = self._options()
             held_out = self.held_out() if "ppl" in options.tasks else None
-            return run_tasks(trainer.engine.module.model, trainer.data.tokenizer,
+            return run_tasks(self.model(), trainer.data.tokenizer,
                              EvalLayout.from_context(trainer.context), options, trainer.config.train.seq_len,
                              held_out)
         except EvalOptionError as error:
