@@ -18,9 +18,10 @@ from distributed import run_distributed
 from eval_fixtures import SEQ_LEN, prepare_held_out
 
 TASKS = ["train.eval_tasks=[ppl,mqar]", "train.eval_lengths=[1x]"]
-# dp2-zero3 validates at the start and the end only (steps 0 and 2), to keep the test short.
+# The 2-process layouts evaluate at the start and the end only (steps 0 and 2), to keep the test
+# short; the one-process reference also at step 1 (train.eval_interval=1).
 LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3", "train.eval_interval=0", *TASKS],
-           "tp2": ["parallel.tp=2", "parallel.zero_stage=1", *TASKS]}
+           "tp2": ["parallel.tp=2", "parallel.zero_stage=1", "train.eval_interval=0", *TASKS]}
 
 
 def _common(root: Path, data: str) -> list[str]:
@@ -52,6 +53,7 @@ def test_validation_and_eval_tasks_are_the_same_on_one_and_two_processes(tmp_pat
     assert {"eval/ppl/loss", "eval/ppl/len64/loss", "eval/mqar/accuracy", "eval/mqar/length64/accuracy"} <= set(
         reference["tasks"][2])
     for name in LAYOUTS:
+        assert sorted(two[0][name]["validation"]) == sorted(two[0][name]["tasks"]) == [0, 2], name
         assert two[0][name] == two[1][name], name  # every rank reports the global numbers
         assert set(two[0][name]["validation"]) <= set(reference["validation"]), name
         for step, loss in two[0][name]["validation"].items():
