@@ -122,9 +122,11 @@ def _megatron_config(context: ParallelContext, dtype: torch.dtype, sequence_para
 
     return ModelParallelConfig(
         tensor_model_parallel_size=context.tp_size,
-        # Weights are copied in from the unsharded model, never drawn by megatron.
+        # Weights are copied in from the unsharded model, or drawn by parallel/construction.py,
+        # never by megatron; allocated on the default device (meta while constructing), which
+        # only use_cpu_initialization gives: otherwise megatron names the GPU explicitly.
         perform_initialization=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=True,
         params_dtype=dtype,
         # megatron's sequence-parallel row layers reduce-scatter their output along dim 0: only
         # ever given our (T, B, D)-transposed views (RowParallelProjection below).
@@ -205,9 +207,9 @@ class VocabParallelHead(nn.Module):
         self.tp_group = tp_group
         # False under tp sequence sharding: the input was gathered along T, whose backward sums it.
         self.reduce_input_gradient = reduce_input_gradient
-        local = weight.shape[0]
-        padding = torch.arange(vocab_start, vocab_start + local) >= vocab_size
-        self.register_buffer("padding_mask", padding, persistent=False)
+        # Rows at or past this one are padding (the last ranks' slices); not a buffer, so a model
+        # built on the meta device (parallel/construction.py) has nothing left to materialise.
+        self.real_rows = max(0, min(weight.shape[0], vocab_size - vocab_start))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
@@ -215,8 +217,9 @@ class VocabParallelHead(nn.Module):
         if self.reduce_input_gradient:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
         logits = F.linear(hidden, self.weight)
-        if self.padding_mask.any():
-            logits = logits.masked_fill(self.padding_mask, float("-inf"))
+        if self.real_rows < logits.shape[-1]:
+            padding = torch.arange(logits.shape[-1], device=logits.device) >= self.real_rows
+            logits = logits.masked_fill(padding, float("-inf"))
         return logits
 
 

@@ -83,6 +83,43 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     return engine, deepspeed_optimizer, scheduler
 
 
+def materialise_partitioned(model: torch.nn.Module, context: ParallelContext, config: dict[str, Any],
+                            sources: dict[str, Callable[[int, int], torch.Tensor]], dtype: torch.dtype) -> None:
+    """Create every (meta) parameter of `model` as a ZeRO-3 parameter holding only this rank's
+    partition, written from `sources[path](start, stop)` (elements of the flattened local tensor).
+
+    What `deepspeed.zero.Init` does to a model built inside it, one parameter at a time, over
+    the group the engine will use (`config` and the mpu are the engine's), minus its broadcast of
+    each whole parameter from rank 0: that broadcast only makes the ranks agree, and the values
+    here are drawn by a layout-independent rule (or read from the same weights) on every rank.
+    The full-shape tensor DeepSpeed partitions from is allocated but never written, so on CPU it
+    stays address space; only the partition is written, at DeepSpeed's own offset for this rank.
+    """
+    import deepspeed
+
+    from titans_train.parallel.construction import _materialised, replace_parameters
+
+    class PartitionWithoutBroadcast(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    mpu = context.mpu(partition_over_sp=zero_partitions_over_sp(3, context.sp_size))
+    # No `dtype`: with one, DeepSpeed 0.19's _set_dtype ignores the config (CPU-NOTES).
+    group = mpu.get_data_parallel_group() if mpu is not None else None  # None: the world, as the engine's
+    init = PartitionWithoutBroadcast(data_parallel_group=group, config_dict_or_path=config, mpu=mpu)
+    for path, parameter in dict(model.named_parameters()).items():
+        local = _materialised(parameter, dtype, init.local_device)
+        replace_parameters(model, {id(parameter): local})
+        init._convert_to_zero_parameters([local])
+        partition = local.ds_tensor
+        start = partition.ds_numel * dist.get_rank(group=local.ds_process_group)
+        valid = max(0, min(partition.ds_numel, local.ds_numel - start))
+        with torch.no_grad():
+            partition[:valid].copy_(sources[path](start, start + valid))
+            partition[valid:].zero_()
+
+
 def _register_initial_state_parameters(model: torch.nn.Module) -> None:
     """Tell ZeRO-3 that the parameters a layer builds its initial state from (the memory's W^0,
     held in an `nn.ParameterList`) belong to that layer.
@@ -206,6 +243,7 @@ __all__ = [
     "deepspeed_batch_settings",
     "deepspeed_data_parallel_size",
     "initialize_engine",
+    "materialise_partitioned",
     "optimizer_step",
     "zero_partitions_over_sp",
 ]

@@ -96,9 +96,12 @@ class CausalConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
         self.reset_parameters()
 
+    @property
+    def init_bound(self) -> float:
+        return self.kernel_size ** -0.5  # PyTorch's Conv1d default for a depthwise kernel
+
     def reset_parameters(self) -> None:
-        bound = self.kernel_size ** -0.5  # PyTorch's Conv1d default for a depthwise kernel
-        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.weight, -self.init_bound, self.init_bound)
 
     def outgoing_tail(self, x: torch.Tensor) -> torch.Tensor:
         """The tail `forward(x, tail)` leaves (B, C, K-1), from x (B, T, C) alone: it does not

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .attention import Attention
 from .config import TitansConfig
 from .errors import InputIdsError, StateMismatchError
 from .exchange import StateExchange
-from .layers import CausalConv, HeadRMSNorm, RMSNorm, SwiGLU
-from .memory import NeuralMemory
+from .init import initialize
+from .layers import RMSNorm, SwiGLU
 from .mixers import build_mixer
 
 LayerState = dict[str, torch.Tensor]
@@ -114,7 +112,7 @@ class TitansBlock(nn.Module):
 
 
 class TitansLM(nn.Module):
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansConfig, init_seed: Optional[int] = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -124,37 +122,21 @@ class TitansLM(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
-        self.init_weights()
+        self.init_weights(init_seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter (see docs/model.md). Safe to call again after `to_empty`."""
-        config = self.config
-        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if getattr(module, "is_residual_projection", False) else config.init_std
-                nn.init.normal_(module.weight, 0.0, std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, config.init_std)
-            elif isinstance(module, (RMSNorm, HeadRMSNorm)):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, CausalConv):
-                module.reset_parameters()
-        # After the generic pass, which has just reset the gate projections' biases.
-        for module in self.modules():
-            if isinstance(module, NeuralMemory):
-                for gate, bias in module.gate_bias_inits.items():
-                    nn.init.constant_(getattr(module, gate).bias, bias)
-                for weight in module.initial_weights:
-                    nn.init.normal_(weight, 0.0, weight.shape[-1] ** -0.5)
-            elif isinstance(module, Attention) and module.persistent_keys is not None:
-                # The scale of a key projected from a unit-RMS token by an init_std matrix.
-                std = config.init_std * math.sqrt(config.dim)
-                nn.init.normal_(module.persistent_keys, 0.0, std)
-                nn.init.normal_(module.persistent_values, 0.0, std)
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Initialise every parameter by the layout-independent rule of `init.py` (docs/model.md).
+
+        `seed` None draws one from torch's global generator (so `torch.manual_seed` decides it). A
+        model on the meta device is left unfilled: `titans_train.parallel.construction`
+        materialises only this rank's part of it, by the same rule.
+        """
+        if any(parameter.is_meta for parameter in self.parameters()):
+            return
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        initialize(self, seed)
 
     # -- layer-level API (sequence parallelism, activation checkpointing) ----------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, param) else decay).append(param)
+        # A ZeRO-3 parameter built partitioned is an empty tensor; its shape is `ds_shape`.
+        shaped = torch.empty(param.ds_shape, device="meta") if hasattr(param, "ds_shape") else param
+        (no_decay if no_weight_decay(name, shaped) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -36,7 +36,7 @@ from titans_train.train.distributed import (
     init_distributed,
     world_size_from_environment,
 )
-from titans_train.train.engine import build_engine
+from titans_train.train.engine import build_engine, deepspeed_config
 from titans_train.train.logging import RunLogger
 from titans_train.train.run_data import RunData, build_run_data
 from titans_train.train.run_lock import RunDirectoryLocked, RunLock
@@ -117,13 +117,14 @@ class Trainer:
 
     # ---- setup --------------------------------------------------------------------------------
     def _build(self) -> None:
-        from titans_train.model import TitansLM, no_weight_decay
+        from titans_train.model import no_weight_decay
         from titans_train.model.flops import flops_per_token
-        from titans_train.parallel.parallelize import ParallelObjective, parallelize
+        from titans_train.parallel.construction import build_parallel_model
+        from titans_train.parallel.parallelize import ParallelObjective
         from titans_train.parallel.zero import deepspeed_data_parallel_size
 
         config = self.config
-        seed_everything(config.train.seed)  # the same initial weights on every rank
+        seed_everything(config.train.seed)  # dropout, data order; the weights use the seed directly
         self.data: RunData = build_run_data(config, self.context, self.batch, log=self.logger.info)
         self.titans_config = model_config(config)
         if self.titans_config.vocab_size < self.data.tokenizer.vocab_size:
@@ -132,12 +133,21 @@ class Trainer:
                 f"{self.titans_config.vocab_size} is smaller than the tokenizer's {self.data.tokenizer.vocab_size} tokens",
             )
         self.flops_per_token = float(flops_per_token(self.titans_config, config.train.seq_len))
-        model = TitansLM(self.titans_config)
-        if config.train.init_from:  # before parallelize, which shards these weights for this layout
+        initial_weights = None
+        if config.train.init_from:
             from titans_train.convert.init_from import load_initial_weights
 
-            load_initial_weights(model, config.train.init_from)
-        self.parallel_plan = parallelize(model, config.parallel, self.context)
+            initial_weights = load_initial_weights(self.titans_config, config.train.init_from)
+        # Each rank materialises only its part of the model (its tp shards, its ZeRO-3 partition),
+        # every part drawn by a rule of (train.seed, parameter path): the same weights on any layout.
+        zero3 = config.parallel.zero_stage == 3
+        model, self.parallel_plan = build_parallel_model(
+            self.titans_config, config.parallel, self.context, seed=config.train.seed,
+            initial_weights=initial_weights, device=self.device,
+            zero3_config=deepspeed_config(config, self.batch, self.context) if zero3 else None,
+            dtype=torch.bfloat16 if zero3 and config.train.precision == "bf16" else torch.float32,
+        )
+        del initial_weights
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
                                              rank=self.context.rank, world_size=self.context.layout.world_size,
                                              log=self.logger.warning)
