@@ -1,0 +1,275 @@
+"""Partitioned construction: each rank materialises only its part of the model, and every layout
+starts from the single-process weights and step-0 loss.
+
+Single process: any shard or range of any parameter, drawn alone by the rule of
+`titans_train.model.init`, equals that part of the whole tensor; a meta-built model materialised at
+tp = 1 is the plain model. Four processes (one launch, several layouts): the weights gathered from
+ZeRO-3 partitions and tp shards equal the plain model bitwise, and the step-0 loss through the
+DeepSpeed engine equals the plain model's. And a >= 1B recipe built under ZeRO-3 on 4 processes
+peaks at a fraction of a whole build on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed import run_distributed
+from titans_train.model import VARIANTS, TitansConfig, TitansLM
+from titans_train.model.init import BLOCK, SeededTensor, Shard, initial_distributions, local_values
+
+SEED = 1234
+VOCAB = 70  # not a multiple of tp = 2 or 4: the vocabulary is padded
+SEQ_LEN = 16
+TOLERANCE = 1e-5  # relative, fp32: tp and ZeRO change summation orders, not values
+
+
+def tiny_config(variant: str, **changes) -> TitansConfig:
+    fields = dict(variant=variant, vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, chunk_size=4,
+                  segment_len=8, window=8, n_persistent=2, memory_depth=2, memory_expansion=2,
+                  tie_embeddings=variant != "swa")
+    return TitansConfig(**{**fields, **changes})
+
+
+def _padded(tensor: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+    """tensor[start:stop] along dim, zeros past its end (what a padded vocabulary shard holds)."""
+    size = tensor.shape[dim]
+    part = tensor.narrow(dim, min(start, size), max(0, min(stop, size) - start))
+    shape = list(tensor.shape)
+    shape[dim] = stop - start - part.shape[dim]
+    return torch.cat([part, torch.zeros(shape)], dim)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_shard_and_range_drawn_alone_equals_that_part_of_the_whole_tensor(variant):
+    model = TitansLM(tiny_config(variant), init_seed=SEED)
+    distributions = initial_distributions(model)
+    generator = torch.Generator().manual_seed(0)
+    for path, parameter in model.named_parameters():
+        full = parameter.detach()
+        span = SeededTensor(distributions[path], SEED, path, full.numel()).span
+        assert torch.equal(span(0, full.numel()).view(full.shape), full), path
+        for dim in range(full.dim()):
+            for parts in (2, 4):
+                rows = -(-full.shape[dim] // parts)  # the last shard may reach into padding
+                for index in range(parts):
+                    shard = Shard(dim, index * rows, (index + 1) * rows)
+                    expected = _padded(full, dim, shard.start, shard.stop).reshape(-1)
+                    # the whole shard, and a random range of it (a ZeRO partition of the shard)
+                    assert torch.equal(local_values(span, tuple(full.shape), shard, 0, expected.numel()), expected), \
+                        (path, shard)
+                    start, stop = sorted(torch.randint(0, expected.numel() + 1, (2,), generator=generator).tolist())
+                    assert torch.equal(local_values(span, tuple(full.shape), shard, start, stop), expected[start:stop]), \
+                        (path, shard, start, stop)
+
+
+def test_a_range_across_draw_blocks_equals_the_whole_draw():
+    # A tensor of several blocks: ranges that start, end and straddle block boundaries.
+    from titans_train.model.init import Distribution
+
+    numel = 3 * BLOCK + 17
+    tensor = SeededTensor(Distribution("normal", 0.5), SEED, "x", numel)
+    whole = tensor.span(0, numel)
+    assert whole.numel() == numel and 0.49 < float(whole.std()) < 0.51
+    for start, stop in ((BLOCK - 5, BLOCK + 5), (0, 2 * BLOCK + 1), (2 * BLOCK, numel), (numel - 1, numel)):
+        fresh = SeededTensor(Distribution("normal", 0.5), SEED, "x", numel)  # no cached block
+        assert torch.equal(fresh.span(start, stop), whole[start:stop]), (start, stop)
+
+
+def test_the_rule_is_the_documented_initialisation_and_the_seed_decides_the_weights():
+    config = tiny_config("mac", dim=64, n_layers=4)
+    model = TitansLM(config, init_seed=SEED)
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    residual_std = config.init_std / (2 * config.n_layers) ** 0.5
+    assert abs(float(weights["layers.0.mlp.gate_proj.weight"].std()) / config.init_std - 1) < 0.05
+    assert abs(float(weights["layers.0.mlp.down_proj.weight"].std()) / residual_std - 1) < 0.05
+    assert abs(float(weights["embedding.weight"].std()) / config.init_std - 1) < 0.05
+    assert torch.equal(weights["layers.1.mixer_norm.weight"], torch.ones(64))
+    assert torch.equal(weights["layers.0.mixer.memory.alpha_proj.bias"],
+                       torch.full_like(weights["layers.0.mixer.memory.alpha_proj.bias"], config.alpha_bias_init))
+    conv = weights["layers.0.mixer.memory.q_conv.weight"]
+    assert float(conv.abs().max()) <= config.conv_kernel ** -0.5
+    same = TitansLM(config, init_seed=SEED)
+    other = TitansLM(config, init_seed=SEED + 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    assert not torch.equal(model.embedding.weight, other.embedding.weight)
+    torch.manual_seed(5)  # no seed given: torch's global generator decides it
+    first = TitansLM(config)
+    torch.manual_seed(5)
+    assert torch.equal(first.embedding.weight, TitansLM(config).embedding.weight)
+
+
+def test_a_model_built_on_meta_and_materialised_on_one_process_is_the_plain_model():
+    from titans_train.parallel import ParallelContext
+    from titans_train.parallel.construction import build_parallel_model
+
+    context = ParallelContext.initialize()  # a world of one, no process group
+    for variant in ("mac", "swa"):
+        config = tiny_config(variant)
+        model, plan = build_parallel_model(config, None, context, seed=SEED)
+        reference = TitansLM(config, init_seed=SEED)
+        assert plan.padded_vocab_size == VOCAB
+        assert [name for name, _ in model.named_parameters()] == [name for name, _ in reference.named_parameters()]
+        for (name, built), expected in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(built, expected), name
+        assert (model.lm_head.weight is model.embedding.weight) == config.tie_embeddings
+
+
+def _gathered(model, context, stage):
+    """Every parameter at its full shape (ZeRO-3 partitions gathered, tp shards joined)."""
+    from titans_train.parallel.tensor_parallel import unshard
+
+    if stage != 3:
+        return unshard(model, context, {name: p.detach() for name, p in model.named_parameters()})
+    import deepspeed
+
+    local = {}
+    for name, parameter in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter]):
+            local[name] = parameter.detach().clone()
+    return unshard(model, context, local)
+
+
+def construction_layouts(layouts, variants):
+    """(tp, sp, ZeRO stage, precision) layouts: gathered weights vs the plain model and the
+    step-0 loss through the DeepSpeed engine vs the plain model's on the same tokens."""
+    from titans_train.parallel import ParallelContext
+    from titans_train.parallel.construction import build_parallel_model
+    from titans_train.parallel.parallelize import ParallelObjective
+    from titans_train.parallel.zero import deepspeed_batch_settings, initialize_engine
+    from titans_train.train.distributed import init_distributed
+
+    init_distributed("gloo")
+    tokens = torch.randint(0, VOCAB, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(9))
+    records = []
+    for tp, sp, stage, precision in layouts:
+        context = ParallelContext.initialize(tp=tp, sp=sp)
+        for variant in variants:
+            config = tiny_config(variant)
+            reference = TitansLM(config, init_seed=SEED)
+            with torch.no_grad():
+                logits = reference(tokens[:, :-1]).logits
+                expected_loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            ds_config = {**deepspeed_batch_settings(context, stage, 2, 1), "zero_optimization": {"stage": stage},
+                         "zero_allow_untested_optimizer": True, "steps_per_print": 2**62}
+            if stage == 3:
+                ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            if precision == "bf16":
+                ds_config["bf16"] = {"enabled": True}
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            model, plan = build_parallel_model(config, None, context, seed=SEED,
+                                               zero3_config=ds_config if stage == 3 else None,
+                                               dtype=dtype if stage == 3 else torch.float32)
+            local_elements = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
+            gathered = _gathered(model, context, stage)
+            weights_equal = all(torch.equal(gathered[name].float(), p.detach().to(dtype).float())
+                                for name, p in reference.named_parameters())
+            objective = ParallelObjective(model, plan)
+            optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3, foreach=False)
+            engine, *_ = initialize_engine(objective, optimizer, ds_config, context)
+            with torch.no_grad():  # every replica gets the same tokens: the global mean is their loss
+                step = engine(tokens)
+                step.relay.finish()
+            records.append(dict(layout=f"tp={tp} sp={sp} dp={context.layout.dp} zero={stage} {precision}",
+                                variant=variant, weights_equal=weights_equal,
+                                loss=float(step.loss), expected_loss=float(expected_loss),
+                                local_fraction=local_elements / sum(p.numel() for p in reference.parameters())))
+            engine.destroy()
+    ParallelContext.destroy()
+    return records
+
+
+@pytest.mark.slow
+def test_zero3_and_tp_layouts_start_from_the_single_process_weights_and_step0_loss():
+    layouts = [(1, 1, 3, "fp32"), (2, 1, 3, "fp32"), (2, 2, 1, "fp32"), (1, 2, 3, "fp32"), (2, 1, 3, "bf16")]
+    variants = ("mac", "mag", "transformer")
+    per_rank = run_distributed(construction_layouts, world_size=4, timeout_s=300, init_process_group=False,
+                               layouts=layouts, variants=variants)
+    for rank, records in enumerate(per_rank):
+        assert len(records) == len(layouts) * len(variants)
+        for record in records:
+            assert record["weights_equal"], (rank, record)
+            tolerance = TOLERANCE if record["layout"].endswith("fp32") else 2e-2  # bf16 weights and activations
+            assert abs(record["loss"] - record["expected_loss"]) <= tolerance * record["expected_loss"], (rank, record)
+    # what each rank holds: a quarter of the elements under ZeRO-3 over dp 4 (up to padding and
+    # the per-parameter rounding), half under tp 2 (up to the replicated norms), more under sp
+    for record in per_rank[0]:
+        if record["layout"].startswith("tp=1 sp=1 dp=4 zero=3"):
+            assert 0.25 <= record["local_fraction"] < 0.27, record
+        if record["layout"].startswith("tp=2 sp=1 dp=2 zero=3"):
+            assert 0.25 <= record["local_fraction"] < 0.28, record
+
+
+# ---- a >= 1B recipe under ZeRO-3 on 4 processes ----------------------------------------------
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def build_recipe_zero3(recipe: str, overrides: list[str]) -> dict:
+    """Build `recipe` the way the trainer does under ZeRO-3 (bf16, its precision), on this rank."""
+    import time
+
+    from titans_train.config import batch_plan, load_recipe, model_config
+    from titans_train.parallel import ParallelContext
+    from titans_train.parallel.construction import build_parallel_model
+    from titans_train.train.distributed import init_distributed
+    from titans_train.train.engine import deepspeed_config
+
+    world = int(os.environ["WORLD_SIZE"])
+    config = load_recipe(recipe, overrides, world_size=world)
+    init_distributed("gloo")
+    context = ParallelContext.initialize(tp=config.parallel.tp, sp=config.parallel.sp)
+    before = _peak_rss_bytes()
+    began = time.perf_counter()
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    model, _ = build_parallel_model(model_config(config), config.parallel, context, seed=config.train.seed,
+                                    zero3_config=deepspeed_config(config, batch_plan(config, world), context),
+                                    dtype=dtype)
+    seconds = time.perf_counter() - began
+    parameters = list(model.parameters())
+    partition = parameters[0].ds_tensor  # the embedding: its first elements, drawn by the rule
+    start = partition.ds_numel * torch.distributed.get_rank()
+    distribution = initial_distributions_for(config)["embedding.weight"]
+    expected = SeededTensor(distribution, config.train.seed, "embedding.weight", parameters[0].ds_numel).span(start, start + 8)
+    return dict(parameters=sum(p.ds_numel for p in parameters),
+                local_elements=sum(p.ds_tensor.numel() for p in parameters),
+                dtype=str(partition.dtype), before=before, peak=_peak_rss_bytes(), seconds=seconds,
+                first_elements_match=torch.equal(partition[:8].float(), expected.to(dtype).float()))
+
+
+def initial_distributions_for(config) -> dict:
+    from titans_train.config import model_config
+
+    with torch.device("meta"):
+        return initial_distributions(TitansLM(model_config(config)))
+
+
+@pytest.mark.slow
+def test_a_1b_recipe_built_under_zero3_on_four_processes_holds_a_quarter_per_rank():
+    # mac-1.3b as its recipe runs it (ZeRO-3, bf16), sized for 4 processes; the model is not shrunk.
+    overrides = ["train.seq_len=64", "train.micro_batch_size=1", "train.global_batch_tokens=256"]
+    results = run_distributed(build_recipe_zero3, world_size=4, timeout_s=300, init_process_group=False,
+                              recipe="mac-1.3b", overrides=overrides)
+    parameters = results[0]["parameters"]
+    assert parameters > 1.0e9
+    full_fp32 = 4 * parameters  # what every rank held before: the whole model in fp32
+    for rank, result in enumerate(results):
+        print(f"rank {rank}: {result['parameters'] / 1e9:.2f}B parameters, local {result['local_elements'] / 1e6:.0f}M "
+              f"{result['dtype']}; peak RSS {result['before'] / 2**30:.2f} GiB before the build, "
+              f"{result['peak'] / 2**30:.2f} GiB after (a whole fp32 build: {full_fp32 / 2**30:.2f} GiB); "
+              f"{result['seconds']:.1f} s")
+        assert result["dtype"] == "torch.bfloat16" and result["first_elements_match"], result
+        assert 0.25 <= result["local_elements"] / parameters < 0.2501, result
+        # The build adds this rank's bf16 quarter (0.66 GiB) plus transients; a whole build 4.9 GiB.
+        assert result["peak"] - result["before"] < 0.25 * full_fp32, result
+        assert result["peak"] < 0.4 * full_fp32, result
