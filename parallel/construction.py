@@ -90,14 +90,14 @@ def _check_materialised(model: nn.Module) -> None:
 def build_parallel_model(model_config, parallel_config, context: ParallelContext, *, seed: int,
                          initial_weights: Optional[dict[str, torch.Tensor]] = None,
                          zero3_config: Optional[dict] = None, device=None,
-                         dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ParallelPlan]:
+                         precision: str = "fp32") -> tuple[nn.Module, ParallelPlan]:
     """(this rank's part of a TitansLM, its plan) for the layout of `context`.
 
     `initial_weights`: full weights by parameter path (checked by `convert.init_from`) instead of
     the seeded rule. `zero3_config`: the DeepSpeed config of a ZeRO-3 run (its engine must get
-    the same): parameters are then created partitioned over ZeRO's group, in `dtype` (the
-    training precision: DeepSpeed does not cast a model built partitioned). Without it every
-    parameter is this rank's tp shard in fp32 on `device`.
+    the same): parameters are then created partitioned over ZeRO's group, in the training
+    `precision` ("fp32" | "bf16": DeepSpeed does not cast a model built partitioned). Without it
+    every parameter is this rank's tp shard in fp32 on `device` (the engine casts it).
     """
     from titans_train.model import TitansLM
 
@@ -115,6 +115,7 @@ def build_parallel_model(model_config, parallel_config, context: ParallelContext
     if zero3_config is not None:
         from titans_train.parallel.zero import materialise_partitioned
 
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         materialise_partitioned(model, context, zero3_config, sources, dtype)
     else:
         materialise(model, sources, device or torch.device("cpu"))

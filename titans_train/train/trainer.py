@@ -145,7 +145,7 @@ class Trainer:
             self.titans_config, config.parallel, self.context, seed=config.train.seed,
             initial_weights=initial_weights, device=self.device,
             zero3_config=deepspeed_config(config, self.batch, self.context) if zero3 else None,
-            dtype=torch.bfloat16 if zero3 and config.train.precision == "bf16" else torch.float32,
+            precision=config.train.precision,
         )
         del initial_weights
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
