@@ -60,7 +60,7 @@ def replace_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
                 module._parameters[name] = new[id(parameter)]
 
 
-def _materialised(parameter: nn.Parameter, dtype: torch.dtype, device) -> nn.Parameter:
+def materialised_like(parameter: nn.Parameter, dtype: torch.dtype, device) -> nn.Parameter:
     """An uninitialised real parameter in place of a meta one, with its attributes (tp marks)."""
     real = nn.Parameter(torch.empty(parameter.shape, dtype=dtype, device=device),
                         requires_grad=parameter.requires_grad)
@@ -71,7 +71,7 @@ def _materialised(parameter: nn.Parameter, dtype: torch.dtype, device) -> nn.Par
 def materialise(model: nn.Module, sources: dict[str, LocalValues], device, dtype: torch.dtype = torch.float32) -> None:
     """Every meta parameter of `model` becomes this rank's local tensor, filled from `sources`."""
     parameters = dict(model.named_parameters())
-    new = {id(parameter): _materialised(parameter, dtype, device) for parameter in parameters.values()}
+    new = {id(parameter): materialised_like(parameter, dtype, device) for parameter in parameters.values()}
     replace_parameters(model, new)
     with torch.no_grad():
         for path, parameter in parameters.items():
@@ -123,4 +123,4 @@ def build_parallel_model(model_config, parallel_config, context: ParallelContext
     return model, plan
 
 
-__all__ = ["build_parallel_model", "materialise", "replace_parameters", "tensor_parallel_shard"]
+__all__ = ["build_parallel_model", "materialise", "materialised_like", "replace_parameters", "tensor_parallel_shard"]

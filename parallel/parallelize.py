@@ -1,7 +1,8 @@
 """Apply parallelism onto a plain `TitansLM`, and compute the loss of one micro-batch under it.
 
-`parallelize(model, parallel_config, context)` applies, in this order, for a model built
-identically on every rank (same seed):
+`parallelize(model, parallel_config, context)` applies, in this order, to a model built
+identically on every rank, or on the meta device (`parallel/construction.py`, which the trainer
+uses, materialises only this rank's part afterwards):
 1. tensor parallelism: shard heads, vocabulary and MLP channels (`apply_tensor_parallel`), and
    with `parallel.tp_sequence_sharding` split the norm regions along the sequence over tp;
 2. sequence parallelism needs no change to the model: `parallel_loss` drives it layer by layer

@@ -1,10 +1,12 @@
 """Tensor parallelism applied onto a built `TitansLM`: heads are the unit that is split.
 
 `apply_tensor_parallel(model, context)` replaces, in place, the modules and parameters listed in
-`TP_PLAN` by their shards for this rank, copying each shard from the unsharded weights the model
-was built with (every rank builds the same model from the same seed), so a tensor-parallel run
-starts from exactly the single-process weights. The model file stays plain PyTorch; the only
-other change is the head counts (`n_heads`, `n_memory_heads`) the modules read, divided by tp.
+`TP_PLAN` by their shards for this rank. On a built model each shard is copied from its
+unsharded weights (then every rank must hold the same model); on a model built on the meta device
+nothing is allocated or copied, and `parallel/construction.py` materialises each shard by the
+layout-independent rule of `titans_train.model.init`. Either way a tensor-parallel run starts
+from exactly the single-process weights. The model file stays plain PyTorch; the only other
+change is the head counts (`n_heads`, `n_memory_heads`) the modules read, divided by tp.
 
 Each rank then runs its own heads end to end: projections, conv, memory (memory_scan needs no
 communication), per-head norms, gates. Communication happens only where head-sharded channels

@@ -97,7 +97,7 @@ def materialise_partitioned(model: torch.nn.Module, context: ParallelContext, co
     """
     import deepspeed
 
-    from titans_train.parallel.construction import _materialised, replace_parameters
+    from titans_train.parallel.construction import materialised_like, replace_parameters
 
     class PartitionWithoutBroadcast(deepspeed.zero.Init):
         def _zero_init_param(self, param):
@@ -109,7 +109,7 @@ def materialise_partitioned(model: torch.nn.Module, context: ParallelContext, co
     group = mpu.get_data_parallel_group() if mpu is not None else None  # None: the world, as the engine's
     init = PartitionWithoutBroadcast(data_parallel_group=group, config_dict_or_path=config, mpu=mpu)
     for path, parameter in dict(model.named_parameters()).items():
-        local = _materialised(parameter, dtype, init.local_device)
+        local = materialised_like(parameter, dtype, init.local_device)
         replace_parameters(model, {id(parameter): local})
         init._convert_to_zero_parameters([local])
         partition = local.ds_tensor

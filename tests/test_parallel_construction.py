@@ -179,7 +179,8 @@ def construction_layouts(layouts, variants):
 
 @pytest.mark.slow
 def test_zero3_and_tp_layouts_start_from_the_single_process_weights_and_step0_loss():
-    layouts = [(1, 1, 3), (2, 1, 3), (1, 2, 3), (2, 2, 1)]
+    # ZeRO-3 over 4 partitions is the 1B test's layout; here ZeRO-3 under tp and under sp
+    layouts = [(2, 1, 3), (1, 2, 3), (2, 2, 1)]
     variants = ("mac", "transformer")  # memory, attention with persistent tokens, vocabulary padding; plain attention
     per_rank = run_distributed(construction_layouts, world_size=4, timeout_s=300, init_process_group=False,
                                layouts=layouts, variants=variants)
@@ -188,11 +189,9 @@ def test_zero3_and_tp_layouts_start_from_the_single_process_weights_and_step0_lo
         for record in records:
             assert record["weights_equal"], (rank, record)
             assert abs(record["loss"] - record["expected_loss"]) <= TOLERANCE * record["expected_loss"], (rank, record)
-    # what each rank holds: a quarter of the elements under ZeRO-3 over dp 4 (up to padding and
-    # the per-parameter rounding), half under tp 2 (up to the replicated norms), more under sp
+    # what each rank holds under tp 2 x ZeRO-3 over dp 2: a quarter of the elements (up to the
+    # replicated norms and the per-parameter rounding of the partitions)
     for record in per_rank[0]:
-        if record["layout"] == "tp=1 sp=1 dp=4 zero=3":
-            assert 0.25 <= record["local_fraction"] < 0.27, record
         if record["layout"] == "tp=2 sp=1 dp=2 zero=3":
             assert 0.25 <= record["local_fraction"] < 0.28, record
 
