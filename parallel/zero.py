@@ -113,6 +113,9 @@ def materialise_partitioned(model: torch.nn.Module, context: ParallelContext, co
         replace_parameters(model, {id(parameter): local})
         init._convert_to_zero_parameters([local])
         partition = local.ds_tensor
+        if partition.ds_numel * dist.get_world_size(group=local.ds_process_group) != local.ds_numel_aligned:
+            raise RuntimeError(f"{path}: ZeRO-3 partitioned it other than in equal slices over its group "
+                               "(hpZ or MiCS settings?), which materialise_partitioned does not know how to fill")
         start = partition.ds_numel * dist.get_rank(group=local.ds_process_group)
         valid = max(0, min(partition.ds_numel, local.ds_numel - start))
         with torch.no_grad():

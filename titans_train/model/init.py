@@ -145,7 +145,6 @@ def local_values(span: Callable[[int, int], torch.Tensor], full_shape: tuple[int
     """
     if shard is None:
         shard = Shard(0, 0, full_shape[0] if full_shape else 1)
-    outer = math.prod(full_shape[: shard.dim])
     full_rows = full_shape[shard.dim] if full_shape else 1
     inner = math.prod(full_shape[shard.dim + 1:])
     run = (shard.stop - shard.start) * inner  # local elements per outer index
@@ -163,9 +162,7 @@ def local_values(span: Callable[[int, int], torch.Tensor], full_shape: tuple[int
         if length - drawn:
             pieces.append(torch.zeros(length - drawn))
         position = end
-    if outer == 0 or not pieces:
-        return torch.zeros(stop - start)
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else torch.zeros(0)
 
 
 def initialize(model: nn.Module, seed: int) -> None:
