@@ -75,15 +75,15 @@ def test_sampling_is_seeded(trained_runs):
 def test_generate_cli(trained_runs, capsys):
     from titans_train.cli import main
 
-    code = main(["generate", "--checkpoint", str(trained_runs[2][0]), "--prompt", "class ", "--max-new-tokens",
+    code = main(["generate", "--checkpoint", str(trained_runs[3][0]), "--prompt", "class ", "--max-new-tokens",
                  "20", "--seed", "1"])
     assert code == 0
     from titans_train.generate import generate, load_for_inference
 
-    model, tokenizer, _, _ = load_for_inference(trained_runs[2][0])
+    model, tokenizer, _, _ = load_for_inference(trained_runs[3][0])
     continuation = generate(model, tokenizer.encode("class "), 20, temperature=0.8, top_k=50, seed=1,
                             stop_id=tokenizer.eos_id)
     assert continuation  # the model wrote something: an echo of the prompt cannot pass
     assert capsys.readouterr().out == "class " + tokenizer.decode(continuation) + "\n"
-    assert main(["generate", "--checkpoint", str(trained_runs[2][0] / "nowhere"), "--prompt", "x"]) == 2
+    assert main(["generate", "--checkpoint", str(trained_runs[3][0] / "nowhere"), "--prompt", "x"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
