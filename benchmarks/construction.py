@@ -66,13 +66,13 @@ def main() -> None:
     if not args.no_whole:
         (whole,) = run_distributed(whole_build, 1, args.timeout, init_process_group=False,
                                    recipe=args.recipe, overrides=overrides)
-        print(f"whole, 1 process, fp32: {whole['parameters'] / 1e9:.3f}B parameters | peak RSS "
+        print(f"whole, 1 process, fp32: {whole['parameters'] / 1e6:.1f}M parameters | peak RSS "
               f"{whole['before'] / GIB:.2f} GiB before, {whole['peak'] / GIB:.2f} GiB after | {whole['seconds']:.1f} s")
     results = run_distributed(build_recipe_zero3, args.world, args.timeout, init_process_group=False,
                               recipe=args.recipe, overrides=overrides, steps=args.steps)
     for rank, result in enumerate(results):
         line = (f"partitioned, rank {rank} of {args.world}, ZeRO-3 {result['dtype'].removeprefix('torch.')}: "
-                f"{result['local_elements'] / 1e6:.0f}M of {result['parameters'] / 1e9:.3f}B elements | peak RSS "
+                f"{result['local_elements'] / 1e6:.1f}M of {result['parameters'] / 1e6:.1f}M elements | peak RSS "
                 f"{result['before'] / GIB:.2f} GiB before, {result['peak'] / GIB:.2f} GiB after the build | "
                 f"{result['seconds']:.1f} s")
         if args.steps:

@@ -224,7 +224,7 @@ def build_recipe_zero3(recipe: str, overrides: list[str], steps: int = 0) -> dic
     from titans_train.train.engine import build_engine, deepspeed_config
 
     world = int(os.environ["WORLD_SIZE"])
-    config = load_recipe(recipe, overrides, world_size=world)
+    config = load_recipe(recipe, [*overrides, "parallel.zero_stage=3"], world_size=world)
     batch = batch_plan(config, world)
     init_distributed("gloo")
     context = ParallelContext.initialize(tp=config.parallel.tp, sp=config.parallel.sp)
