@@ -133,6 +133,15 @@ def _gathered(model, context, stage):
     return unshard(model, context, local)
 
 
+def _weight_decay_groups(model) -> list[list[str]]:
+    """The trainer's AdamW groups by parameter path (decay is chosen by a parameter's shape)."""
+    from titans_train.model import no_weight_decay
+    from titans_train.train.engine import parameter_groups
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [sorted(names[id(p)] for p in group["params"]) for group in parameter_groups(model, 0.1, no_weight_decay)]
+
+
 def construction_layouts(layouts, variants):
     """(tp, sp, ZeRO stage) layouts, fp32: gathered weights vs the plain model and the step-0
     loss through the DeepSpeed engine vs the plain model's on the same tokens."""
@@ -161,6 +170,7 @@ def construction_layouts(layouts, variants):
                                                zero3_config=ds_config if stage == 3 else None)
             local_elements = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
             gathered = _gathered(model, context, stage)
+            decay_groups_equal = _weight_decay_groups(model) == _weight_decay_groups(reference)
             weights_equal = all(torch.equal(gathered[name], p.detach()) for name, p in reference.named_parameters())
             objective = ParallelObjective(model, plan)
             optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3, foreach=False)
@@ -169,7 +179,7 @@ def construction_layouts(layouts, variants):
                 step = engine(tokens)
                 step.relay.finish()
             records.append(dict(layout=f"tp={tp} sp={sp} dp={context.layout.dp} zero={stage}",
-                                variant=variant, weights_equal=weights_equal,
+                                variant=variant, weights_equal=weights_equal, decay_groups_equal=decay_groups_equal,
                                 loss=float(step.loss), expected_loss=float(expected_loss),
                                 local_fraction=local_elements / sum(p.numel() for p in reference.parameters())))
             engine.destroy()
@@ -187,7 +197,7 @@ def test_zero3_and_tp_layouts_start_from_the_single_process_weights_and_step0_lo
     for rank, records in enumerate(per_rank):
         assert len(records) == len(layouts) * len(variants)
         for record in records:
-            assert record["weights_equal"], (rank, record)
+            assert record["weights_equal"] and record["decay_groups_equal"], (rank, record)
             assert abs(record["loss"] - record["expected_loss"]) <= TOLERANCE * record["expected_loss"], (rank, record)
     # what each rank holds under tp 2 x ZeRO-3 over dp 2: a quarter of the elements (up to the
     # replicated norms and the per-parameter rounding of the partitions)
