@@ -1,9 +1,9 @@
 """The training loop: build, resume, then per step lr -> optimizer step -> callbacks.
 
 `train(config)` runs a whole job in this process (one rank of N under torchrun, or alone) and
-returns a `TrainResult`. The model is built plain, parallelised onto this rank's layout
-(`titans_train.parallel.parallelize`, any layout, a world of one included) and wrapped by
-DeepSpeed. One optimizer step is `titans_train.parallel.zero.optimizer_step` (micro-batches,
+returns a `TrainResult`. The model is built already parallelised onto this rank's layout, each
+rank materialising only its part (`titans_train.parallel.construction`, any layout, a world of
+one included), and wrapped by DeepSpeed. One optimizer step is `titans_train.parallel.zero.optimizer_step` (micro-batches,
 backward, clip, step); everything else (logging, MFU, telemetry, evaluation, checkpointing, the
 divergence and signal stops) is a callback (`callbacks.py`, which documents their order).
 
