@@ -20,6 +20,7 @@ CASES = [
     (["train", "debug", "train.grad_clip=-1"], "train.grad_clip: must be >= 0"),
     (["train", "debug", "checkpoint.interval=-1"], "checkpoint.interval: must be >= 0"),
     (["train", "debug", "parallel.timeout_s=0"], "parallel.timeout_s: must be > 0"),
+    (["train", "debug", "train.optimizer_precision=bf16"], "train.optimizer_precision: bf16 optimizer state needs"),
     (["train", "debug", "train.lr_schedule=wsd"], "did you mean train.schedule"),
     (["train", "debug", "parallel.tp=4"], "parallel.tp"),
     (["train", "no-such-recipe"], "no recipe or file named 'no-such-recipe'"),

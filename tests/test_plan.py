@@ -136,3 +136,43 @@ def test_a_layout_that_cannot_fit_says_by_how_much_and_what_to_change(capsys):
 def test_bad_options_are_named(capsys):
     code, out = _plan(["mag-760m", "--tp", "3"], capsys)
     assert code == 2 and "--tp" in out.err
+
+
+def zero_optimizer_state_bytes(root: str, optimizer_precision: str) -> dict[str, float]:
+    """One DeepSpeed ZeRO-1 bf16 step on 2 ranks: the bytes this rank's optimizer holds (master
+    partition, Adam moments), and the planner's terms for the same config."""
+    from titans_train.config import load_recipe
+    from titans_train.plan.planner import layout_of, run_shape
+    from titans_train.train.trainer import train
+    from titans_train.train.callbacks import Callback
+
+    measured: dict[str, float] = {}
+
+    class Measure(Callback):
+        def on_train_end(self, trainer):
+            optimizer = trainer.engine.optimizer
+            measured["master weights"] = sum(t.numel() * t.element_size()
+                                             for t in optimizer.single_partition_of_fp32_groups)
+            measured["optimizer state"] = sum(v.numel() * v.element_size() for state in optimizer.optimizer.state.values()
+                                              for k, v in state.items() if k in ("exp_avg", "exp_avg_sq"))
+            measured["moment dtypes"] = sorted({str(v.dtype) for state in optimizer.optimizer.state.values()
+                                                for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")})
+
+    config = load_recipe("debug", ["train.precision=bf16", f"train.optimizer_precision={optimizer_precision}",
+                                   "parallel.zero_stage=1", "train.steps=1", "train.warmup_steps=0",
+                                   "checkpoint.interval=0", f"run_dir={root}/{optimizer_precision}"], world_size=2)
+    train(config, callbacks=[Measure()])
+    plan = evaluate(run_shape(config), Hardware(DEVICES["h100-80gb"], 1, 2), layout_of(config))
+    return {**measured, "planned": {name: plan.term(name) for name in ("master weights", "optimizer state")}}
+
+
+@pytest.mark.slow
+def test_bf16_optimizer_state_is_bf16_and_holds_the_planned_bytes(tmp_path):
+    rank0, rank1 = run_distributed(zero_optimizer_state_bytes, 2, 300, init_process_group=False,
+                                   root=str(tmp_path), optimizer_precision="bf16")
+    assert rank0["moment dtypes"] == rank1["moment dtypes"] == ["torch.bfloat16"], rank0
+    for name in ("master weights", "optimizer state"):
+        # ZeRO-1 splits the flat buffer into equal, aligned partitions: each rank holds P / 2 up
+        # to that padding (a few elements).
+        total = rank0[name] + rank1[name]
+        assert abs(total / 2 - rank0["planned"][name]) <= 64, (name, rank0, rank1)

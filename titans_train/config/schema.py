@@ -57,6 +57,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "fp32"
+    # bf16 runs with ZeRO >= 1 only: master weights, gradients and Adam moments in bf16 too
+    # (8 bytes a parameter instead of 16), DeepSpeed's bf16_optimizer_states. Less exact updates.
+    optimizer_precision: str = "fp32"
     # Validation every `eval_interval` steps (0: only at start and end) on the first
     # `eval_batches` x `micro_batch_size` samples of the validation split, whatever the number
     # of processes (so the same loss on any layout).

@@ -144,6 +144,11 @@ def validate(config: DictConfig, world_size: int | None = 1) -> None:
     model_config(config)
     check_choice("train.schedule", train.schedule, SCHEDULES)
     check_choice("train.precision", train.precision, PRECISIONS)
+    check_choice("train.optimizer_precision", train.optimizer_precision, PRECISIONS)
+    if train.optimizer_precision == "bf16" and (train.precision != "bf16" or config.parallel.zero_stage < 1):
+        raise InvalidValueError("train.optimizer_precision", "bf16 optimizer state needs train.precision=bf16 and "
+                                f"parallel.zero_stage >= 1 (got {train.precision}, ZeRO {config.parallel.zero_stage}); "
+                                "set both, or train.optimizer_precision=fp32")
     check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
     _positive(config, "train.global_batch_tokens", "train.micro_batch_size", "train.seq_len", "train.lr")
     if (train.tokens > 0) == (train.steps > 0):

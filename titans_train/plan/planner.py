@@ -6,8 +6,9 @@ Symbols: P = parameters one tp rank holds (shards + replicated, `model_facts`), 
 group (dp x sp, or dp for ZeRO-3 under sp: `parallel.zero.zero_partitions_over_sp`), L layers,
 B micro batch, S span = seq_len / sp, D width, V vocabulary, a = accumulation steps.
 Byte widths: bf16 runs hold bf16 parameters and gradients with fp32 master weights and Adam
-moments (DeepSpeed's bf16 wrappers and ZeRO optimizers: 2 + 2 + 12 bytes per parameter); fp32
-runs hold 4 + 4 + 8, plus a 4-byte fp32 partition copy once ZeRO (stage >= 1) manages them.
+moments (DeepSpeed's bf16 wrappers and ZeRO optimizers: 2 + 2 + 12 bytes per parameter), or
+with `train.optimizer_precision=bf16` bf16 ones (2 + 2 + 6); fp32 runs hold 4 + 4 + 8, plus a
+4-byte fp32 partition copy once ZeRO (stage >= 1) manages them.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class RunShape:
     global_batch_tokens: int
     tokens: int  # the run's token budget
     precision: str  # fp32 | bf16
+    optimizer_precision: str = "fp32"  # of master weights and Adam moments: fp32 | bf16
 
 
 @dataclass
@@ -232,7 +234,9 @@ def evaluate(run: RunShape, hardware: Hardware, layout: Layout, mfu: float = DEF
     p = facts.parameters_per_tp_rank
     bf16 = run.precision == "bf16"
     weight_bytes = 2 if bf16 else 4
-    master_bytes = 4 if (bf16 or zero >= 1) else 0
+    bf16_optimizer = run.optimizer_precision == "bf16"
+    master_bytes = 2 if bf16_optimizer else 4 if (bf16 or zero >= 1) else 0
+    moment_bytes = 4 if bf16_optimizer else 8
     optimizer_divisor = group if zero >= 1 else 1
     # With sp > 1 the micro-steps' gradients accumulate at full size until one reduction after
     # the last backward (parallel/zero.py), whatever the stage.
@@ -245,9 +249,9 @@ def evaluate(run: RunShape, hardware: Hardware, layout: Layout, mfu: float = DEF
              f"P x {weight_bytes} B" + (" / N" if gradient_divisor > 1 else
                                         " (full size: ZeRO < 2, or sp > 1 holds them until one reduction)")),
         Term("master weights", p * master_bytes / optimizer_divisor,
-             f"P x {master_bytes} B" + (" / N" if zero >= 1 else "") + " (fp32 copy)"),
-        Term("optimizer state", p * 8 / optimizer_divisor,
-             "P x 8 B (Adam m, v fp32)" + (" / N" if zero >= 1 else "")),
+             f"P x {master_bytes} B" + (" / N" if zero >= 1 else "") + f" ({'bf16' if bf16_optimizer else 'fp32'} copy)"),
+        Term("optimizer state", p * moment_bytes / optimizer_divisor,
+             f"P x {moment_bytes} B (Adam m, v {'bf16' if bf16_optimizer else 'fp32'})" + (" / N" if zero >= 1 else "")),
     ]
     if zero >= 2 and sp == 1:
         bucket = min(REDUCE_BUCKET_ELEMENTS, p)
@@ -364,7 +368,8 @@ def run_shape(config) -> RunShape:
     train = config.train
     tokens = train.tokens or train.steps * train.global_batch_tokens
     return RunShape(model=model_config(config), seq_len=train.seq_len,
-                    global_batch_tokens=train.global_batch_tokens, tokens=tokens, precision=train.precision)
+                    global_batch_tokens=train.global_batch_tokens, tokens=tokens, precision=train.precision,
+                    optimizer_precision=train.optimizer_precision)
 
 
 def layout_of(config) -> Layout:

@@ -55,6 +55,8 @@ def deepspeed_config(config: DictConfig, plan: BatchPlan, context, load_universa
     }
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if train.optimizer_precision == "bf16":
+            ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     return ds
 
 
