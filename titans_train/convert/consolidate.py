@@ -121,8 +121,22 @@ def _rank_files(checkpoint: Path, pattern: str) -> list[Path]:
     return sorted(checkpoint.glob(pattern), key=zero_rank)
 
 
-def _zero_master_weights(checkpoint: Path, mp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 master weights of one tp rank from ZeRO 1-3 shards (DeepSpeed's zero_to_fp32)."""
+ZERO_STATES = ("fp32", "exp_avg", "exp_avg_sq")  # what ZeRO keeps per parameter: master weights, Adam's moments
+
+
+def _flat_groups(optimizer_state: dict[str, Any], zero_stage: int, state: str) -> list[torch.Tensor]:
+    """One ZeRO rank's flat partitions of `state`, one per parameter group (ZeRO-3: sub-group)."""
+    if state == "fp32":
+        return optimizer_state["fp32_flat_groups" if zero_stage == 3 else "single_partition_of_fp32_groups"]
+    base = optimizer_state["optimizer_state_dict" if zero_stage == 3 else "base_optimizer_state"]["state"]
+    return [base[index][state] for index in range(len(base))]
+
+
+def read_tp_rank_state(checkpoint: Path, mp_rank: int, zero_stage: int,
+                       state: str = "fp32") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One state (`ZERO_STATES`) of one tp rank from ZeRO 1-3 shards, at that rank's shard shapes,
+    by DeepSpeed parameter name (zero_to_fp32's merge over the ZeRO partitions); and ZeRO rank 0's
+    optimizer state (memory-mapped: only the pages of `state` are read)."""
     from deepspeed.utils import zero_to_fp32
 
     suffix = f"mp_rank_{mp_rank:02d}"
@@ -132,19 +146,25 @@ def _zero_master_weights(checkpoint: Path, mp_rank: int, zero_stage: int) -> dic
         model_files = [checkpoint / f"{suffix}_model_states.pt"]
     optim_files = _rank_files(checkpoint, f"*zero_pp_rank_*_{suffix}_optim_states.pt")
     _checked(optim_files, checkpoint, f"ZeRO optimizer shards for tp rank {mp_rank}")
-    for file in [*model_files, *optim_files]:  # DeepSpeed's readers fail with long tracebacks
+    for file in model_files:  # DeepSpeed's readers fail with long tracebacks
         _torch_load(file, mmap=True)
+    optimizer_states = [_torch_load(file, mmap=True)["optimizer_state_dict"] for file in optim_files]
+    first = optimizer_states[0]
+    world = first["partition_count"]
+    world = max(world) if isinstance(world, list) else world
+    if world != len(optim_files):
+        raise ConversionError(checkpoint, f"has {len(optim_files)} ZeRO optimizer shards for tp rank {mp_rank}, "
+                              f"its ZeRO partition count is {world}", "the checkpoint is incomplete: use another one")
+    flat_groups = [_flat_groups(optimizer_state, zero_stage, state) for optimizer_state in optimizer_states]
     quiet = io.StringIO()  # it reports progress on stdout and stderr
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         model_states = zero_to_fp32.parse_model_states([str(f) for f in model_files])
-        stage, world, flat_groups, paddings = zero_to_fp32.parse_optim_states([str(f) for f in optim_files],
-                                                                              str(checkpoint))
-        if stage <= 2:
-            state = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states,
-                                                                            False, paddings)
+        if zero_stage <= 2:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                world, flat_groups, model_states, False, first.get("param_alignment_paddings"))
         else:
-            state = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-    return zero_to_fp32.to_torch_tensor(state)
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+    return zero_to_fp32.to_torch_tensor(merged), first
 
 
 def read_tp_rank_weights(checkpoint: Path, manifest: dict[str, Any], mp_rank: int) -> dict[str, torch.Tensor]:
@@ -155,7 +175,7 @@ def read_tp_rank_weights(checkpoint: Path, manifest: dict[str, Any], mp_rank: in
         file = checkpoint / f"mp_rank_{mp_rank:02d}_model_states.pt"
         state = _torch_load(file)["module"]
     else:
-        state = _zero_master_weights(checkpoint, mp_rank, zero_stage)
+        state, _ = read_tp_rank_state(checkpoint, mp_rank, zero_stage)
     return {name.removeprefix(TRAINER_PREFIX): value for name, value in state.items()
             if isinstance(value, torch.Tensor)}
 

@@ -7,7 +7,7 @@ Layout of `checkpoint.dir`:
         titans_checkpoint.json  the manifest: written last, lists every file with its size
         rank00000_state.pt      per-rank state (RNG states of python, numpy, torch)
     .partial-step000002000/     a save in progress, or one cut short: never read
-    universal/step000001000/    a DeepSpeed universal copy, made to resume on another dp size
+    universal/step000001000/    copies re-cut to resume on another layout (`CheckpointManager.universal_copy`)
 
 A save writes into `.partial-<tag>` on every rank, waits for all ranks, then rank 0 writes the
 manifest, renames the directory to `<tag>`, points `latest` at it and deletes all but the newest
@@ -211,38 +211,57 @@ class CheckpointManager:
         return result
 
     # ---- loading ------------------------------------------------------------------------------
-    def universal_copy(self, info: CheckpointInfo, tensor_parallel: bool = False) -> Path:
-        """A DeepSpeed universal checkpoint of `info` (made once, by rank 0) for another dp size;
-        with `tensor_parallel` (a tp > 1 source or another tp size) written by
-        `titans_train.convert.universal`, which merges the tp shards by TP_PLAN."""
-        target = self.directory / UNIVERSAL_DIR / info.tag
+    def universal_copy(self, info: CheckpointInfo, route: str, engine, tp_size: int) -> Path:
+        """The copy of `info` that `route` (`titans_train.convert.reshard.ROUTES`) loads on this
+        layout, made once (by rank 0, temp dir + rename) under `universal/<tag>/`:
+        "deepspeed" DeepSpeed's universal checkpoint (`ds_to_universal`); "tensor_parallel" one
+        universal checkpoint per tp rank (`convert.universal`); "zero0" ZeRO-0 files for tp_size
+        (`convert.reshard`)."""
+        name = route if route == "deepspeed" else f"{route}-tp{tp_size}"
+        target = self.directory / UNIVERSAL_DIR / info.tag / name
         if self.rank == 0 and not (target / MANIFEST).is_file():
-            from deepspeed.checkpoint import ds_to_universal
-
-            partial = target.with_name(PARTIAL_PREFIX + info.tag)
+            partial = target.with_name(PARTIAL_PREFIX + name)
             shutil.rmtree(partial, ignore_errors=True)
             partial.parent.mkdir(parents=True, exist_ok=True)
-            if tensor_parallel:
-                from titans_train.convert.universal import write_universal
+            if route == "deepspeed":
+                from deepspeed.checkpoint import ds_to_universal
 
-                partial.mkdir()
-                write_universal(info.path, info.manifest, partial)
-            else:
                 args = SimpleNamespace(input_folder=str(info.path), output_folder=str(partial), num_extract_workers=1,
                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
                                        inject_missing_state=True)
                 ds_to_universal.main(args)
-            for name in os.listdir(info.path):
-                if name.startswith("rank") or name == MANIFEST:
-                    shutil.copy2(info.path / name, partial / name)
+            elif route == "tensor_parallel":
+                from titans_train.convert.universal import write_universal
+
+                partial.mkdir()
+                write_universal(info.path, info.manifest, partial, tp_size)
+            else:
+                from titans_train.convert.reshard import write_zero0_for_tp
+                from titans_train.model import no_weight_decay
+
+                names = {id(param): name.removeprefix("model.") for name, param in engine.module.named_parameters()}
+                groups = [[names[id(param)] for param in group["params"]] for group in engine.optimizer.param_groups]
+                partial.mkdir()
+                write_zero0_for_tp(info.path, info.manifest, partial, tp_size, groups,
+                                   list(engine.module.state_dict().keys()), no_weight_decay)
+            shutil.copy2(info.path / MANIFEST, partial / MANIFEST)  # the copy's completion mark
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         barrier()
         return target
 
-    def load(self, engine, info: CheckpointInfo, load_universal: bool, tensor_parallel: bool = False) -> dict[str, Any]:
-        """Load `info` into `engine`; returns the client state. Restores this rank's RNG state."""
-        path = self.universal_copy(info, tensor_parallel) if load_universal else info.path
+    def load(self, engine, info: CheckpointInfo, route: str = "same", tp_rank: int = 0, tp_size: int = 1) -> dict[str, Any]:
+        """Load `info` into `engine` through `route` (`titans_train.convert.reshard.resume_route`);
+        returns the client state. Restores this rank's RNG state."""
+        load_dir, tag = info.path.parent, info.tag
+        if route != "same":
+            copy = self.universal_copy(info, route, engine, tp_size)
+            if route == "tensor_parallel":
+                from titans_train.convert.universal import universal_rank_dir
+
+                load_dir, tag = copy, universal_rank_dir(tp_rank)
+            else:
+                load_dir, tag = copy.parent, copy.name
         # DeepSpeed 0.19's ZeRO-3 universal load (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`)
         # gives every parameter group the hyperparameters of group 0, and every flat partition
         # one shared `step` tensor, which torch's AdamW then increments once per partition per
@@ -252,15 +271,15 @@ class CheckpointManager:
         # checkpoint's), and each partition gets its own step counter.
         hyperparameters = [{key: value for key, value in group.items() if key not in ("params", "lr")}
                            for group in engine.optimizer.param_groups]
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+        load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag,
                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {path}")
+            raise RuntimeError(f"DeepSpeed could not load {load_dir / tag}")
         for group, own in zip(engine.optimizer.param_groups, hyperparameters):
             group.update(own)
         _separate_step_counters(getattr(engine.optimizer, "optimizer", engine.optimizer))
-        own = path / f"rank{self.rank:05d}_state.pt"
+        own = info.path / f"rank{self.rank:05d}_state.pt"
         # Another world size: ranks without a file of their own take rank 0's RNG state.
-        rank_state = torch.load(own if own.is_file() else path / "rank00000_state.pt", weights_only=False)
+        rank_state = torch.load(own if own.is_file() else info.path / "rank00000_state.pt", weights_only=False)
         set_rng_state(rank_state["rng"])
         return client_state

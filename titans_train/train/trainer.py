@@ -153,29 +153,15 @@ class Trainer:
                                              log=self.logger.warning)
         resume = self._pick_resume_checkpoint()
         # ZeRO's shards are cut over its own data-parallel group (dp x sp, or dp for ZeRO-3 with
-        # sp): another size of it, or another tp size, needs DeepSpeed's universal format to re-cut
-        # them; with tp > 1 on either side that copy is written by titans_train.convert.universal,
-        # which merges the tp shards by TP_PLAN.
+        # sp) and tp: a checkpoint of another layout is re-cut first (convert.reshard.resume_route).
         self.zero_partitions = deepspeed_data_parallel_size(self.context, config.parallel.zero_stage)
-        source_tp = int(resume.manifest["config"]["parallel"]["tp"]) if resume is not None else 1
-        self.tp_universal = source_tp > 1 or self.context.tp_size > 1
-        load_universal = bool(
-            resume is not None and config.parallel.zero_stage > 0
-            and (resume.manifest.get("zero_partitions", resume.manifest.get("data_parallel_size")) != self.zero_partitions
-                 or source_tp != self.context.tp_size)
-        )
-        if load_universal and self.tp_universal and (
-                config.parallel.zero_stage not in (1, 2) or int(resume.manifest["zero_stage"]) not in (1, 2)):
-            manifest = resume.manifest
-            raise InvalidValueError(
-                "parallel.tp",
-                f"cannot resume {resume.path} (written with tp={source_tp}, ZeRO {manifest.get('zero_stage')}, "
-                f"ZeRO partitions {manifest.get('zero_partitions', manifest.get('data_parallel_size'))}) with "
-                f"tp={self.context.tp_size}, ZeRO {config.parallel.zero_stage}, {self.zero_partitions} ZeRO partitions: "
-                "changing the layout of a tensor-parallel run is built for ZeRO 1 and 2. Relaunch with the "
-                "checkpoint's layout, or start a new run from its weights with train.init_from=<checkpoint> and "
-                "another checkpoint.dir.",
-            )
+        self.resume_route = "same"
+        if resume is not None:
+            from titans_train.convert.reshard import resume_route
+
+            self.resume_route = resume_route(resume.manifest, config.parallel.zero_stage, self.context.tp_size,
+                                             self.zero_partitions, config.train.precision, resume.path)
+        load_universal = self.resume_route in ("deepspeed", "tensor_parallel")
         self.engine, self.optimizer, self.scheduler = build_engine(
             ParallelObjective(model, self.parallel_plan), config, self.batch, self.context,
             no_weight_decay=lambda name, param: no_weight_decay(name.removeprefix("model."), param),
@@ -183,7 +169,7 @@ class Trainer:
         )
         assign_checkpoint_writers(self.engine, self.context)
         if resume is not None:
-            self._resume(resume, load_universal)
+            self._resume(resume)
         self.train_batches = self.data.train_batches()
 
     def _pick_resume_checkpoint(self) -> CheckpointInfo | None:
@@ -196,11 +182,11 @@ class Trainer:
             self.logger.warning(f"checkpoint {tag} is damaged ({reason}); trying the previous one")
         return None
 
-    def _resume(self, info: CheckpointInfo, load_universal: bool) -> None:
-        how = " (converted to a universal checkpoint: the layout changed)" if load_universal else ""
+    def _resume(self, info: CheckpointInfo) -> None:
+        how = f" (re-cut for this layout: {self.resume_route})" if self.resume_route != "same" else ""
         self.logger.info(f"resuming from {info.path}{how}")
-        client_state = self.checkpoints.load(self.engine, info, load_universal,
-                                             tensor_parallel=self.tp_universal)
+        client_state = self.checkpoints.load(self.engine, info, self.resume_route, self.context.tp_rank,
+                                             self.context.tp_size)
         trainer_state = client_state["titans_trainer"]
         self.step = int(trainer_state["step"])
         self.tokens_seen = int(trainer_state["tokens_seen"])

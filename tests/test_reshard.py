@@ -1,0 +1,99 @@
+"""Resume on another layout for every ZeRO stage: dp, tp and sp sizes changed between the save
+and the resume, each compared with the uninterrupted run's per-step losses.
+
+Every run is the debug recipe (a 2-layer MAC model) with 4 heads, so tp = 4 divides them. A
+source run saves at step SAVE_AT (and at its end); a "resumed" run starts in a copy of the source's
+run directory cut back to that checkpoint, on another layout, and trains to the end. The ZeRO-3
+dp drills (issue 10: 2 -> 1 and 1 -> 2 drifted by 3.6e-4 in 12 steps) run LONG steps, so at
+least 20 steps follow the resume, within 1e-6; the tp/sp reshards run SHORT steps within 1e-5
+(tp changes the order of fp32 reductions). Several runs share one launch (launches cost seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from distributed import run_distributed
+from step_actions import AtStep
+
+SAVE_AT = 3
+LONG, SHORT = 24, 8
+MODEL = ("model.n_heads=4",)
+
+
+def _stopped_copy(source: Path, copy: Path) -> None:
+    """`copy`: `source`'s run directory as if the run had stopped after its step-SAVE_AT save."""
+    from titans_train.train.checkpoint import LATEST, tag_for_step
+
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(source, copy)
+    checkpoints = copy / "checkpoints"
+    for path in checkpoints.iterdir():
+        if path.is_dir() and path.name != tag_for_step(SAVE_AT):
+            shutil.rmtree(path)
+    (checkpoints / LATEST).write_text(tag_for_step(SAVE_AT) + "\n")
+
+
+def train_runs(root: str, runs: dict[str, tuple[str | None, int, list[str]]]) -> dict[str, list[float]]:
+    """Train each run in turn: name -> (the source run it resumes, or None; steps; overrides).
+    Returns name -> the per-step losses this launch trained (a resumed run: steps SAVE_AT+1...)."""
+    from titans_train.config import load_recipe
+    from titans_train.train.distributed import barrier
+    from titans_train.train.trainer import train
+
+    root = Path(root)
+    out = {}
+    for name, (source, steps, overrides) in runs.items():
+        run_dir = root / name
+        if source is not None:
+            if int(os.environ["RANK"]) == 0:
+                _stopped_copy(root / source, run_dir)
+            barrier()
+        config = load_recipe("debug", [f"run_dir={run_dir}", f"data.cache_dir={root / 'corpus'}", *MODEL,
+                                       f"train.steps={steps}", "checkpoint.interval=0", *overrides], world_size=None)
+        result = train(config, callbacks=[] if source else [AtStep(SAVE_AT, lambda trainer: trainer.save())])
+        out[name] = [result.losses[step] for step in sorted(result.losses)]
+    return out
+
+
+Z0, Z3 = "parallel.zero_stage=0", "parallel.zero_stage=3"
+TP2, TP4, SP2 = "parallel.tp=2", "parallel.tp=4", "parallel.sp=2"
+ON_ONE = {"z3-dp1": (None, LONG, [Z3]), "z0-tp1": (None, SHORT, [Z0]), "z3-tp1": (None, SHORT, [Z3])}
+ON_TWO = {
+    "z3-dp2": (None, LONG, [Z3]), "z3-dp1-to-dp2": ("z3-dp1", LONG, [Z3]),
+    "z0-dp2": (None, SHORT, [Z0]), "z0-dp1-to-dp2": ("z0-tp1", SHORT, [Z0]),
+    "z0-tp2": (None, SHORT, [Z0, TP2]), "z3-tp2": (None, SHORT, [Z3, TP2]),
+    "z0-tp1-to-tp2": ("z0-tp1", SHORT, [Z0, TP2]), "z3-tp1-to-tp2": ("z3-tp1", SHORT, [Z3, TP2]),
+    "z0-tp2-to-sp2": ("z0-tp2", SHORT, [Z0, SP2]), "z3-tp2-to-sp2": ("z3-tp2", SHORT, [Z3, SP2]),
+}
+BACK_ON_ONE = {"z3-dp2-to-dp1": ("z3-dp2", LONG, [Z3]), "z0-dp2-to-dp1": ("z0-dp2", SHORT, [Z0]),
+               "z0-tp2-to-tp1": ("z0-tp2", SHORT, [Z0]), "z3-tp2-to-tp1": ("z3-tp2", SHORT, [Z3])}
+ON_FOUR = {"z0-tp1-to-tp4": ("z0-tp1", SHORT, [Z0, TP4]), "z3-tp2-to-tp4": ("z3-tp2", SHORT, [Z3, TP4])}
+# resumed run -> (uninterrupted run, relative tolerance)
+EXPECTED = {
+    "z3-dp1-to-dp2": ("z3-dp1", 1e-6), "z3-dp2-to-dp1": ("z3-dp2", 1e-6),
+    "z0-dp1-to-dp2": ("z0-tp1", 1e-6), "z0-dp2-to-dp1": ("z0-dp2", 1e-6),
+    "z0-tp1-to-tp2": ("z0-tp1", 1e-5), "z3-tp1-to-tp2": ("z3-tp1", 1e-5),
+    "z0-tp2-to-tp1": ("z0-tp2", 1e-5), "z3-tp2-to-tp1": ("z3-tp2", 1e-5),
+    "z0-tp2-to-sp2": ("z0-tp2", 1e-5), "z3-tp2-to-sp2": ("z3-tp2", 1e-5),
+    "z0-tp1-to-tp4": ("z0-tp1", 1e-5), "z3-tp2-to-tp4": ("z3-tp2", 1e-5),
+}
+
+
+def test_resume_on_another_layout_continues_the_uninterrupted_losses_for_zero_0_and_3(tmp_path):
+    root = str(tmp_path)
+    launch = {"init_process_group": False, "root": root}
+    (losses,) = run_distributed("test_reshard:train_runs", 1, 300, runs=ON_ONE, **launch)
+    two = run_distributed("test_reshard:train_runs", 2, 480, runs=ON_TWO, **launch)
+    assert two[0] == two[1]  # every rank logs the global loss
+    losses |= two[0]
+    (back,) = run_distributed("test_reshard:train_runs", 1, 300, runs=BACK_ON_ONE, **launch)
+    four = run_distributed("test_reshard:train_runs", 4, 600, runs=ON_FOUR, **launch)
+    losses |= back | four[0]
+    for resumed, (uninterrupted, tolerance) in EXPECTED.items():
+        expected, actual = losses[uninterrupted][SAVE_AT:], losses[resumed]
+        assert len(actual) == len(expected) >= (LONG if tolerance == 1e-6 and "z3" in resumed else SHORT) - SAVE_AT
+        for step, (a, e) in enumerate(zip(actual, expected), start=SAVE_AT + 1):
+            assert abs(a - e) <= tolerance * abs(e), f"{resumed} vs {uninterrupted}: step {step}: {a!r} vs {e!r}"
