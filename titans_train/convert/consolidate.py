@@ -173,7 +173,7 @@ def read_tp_rank_weights(checkpoint: Path, manifest: dict[str, Any], mp_rank: in
     zero_stage = int(manifest["zero_stage"])
     if zero_stage == 0:
         file = checkpoint / f"mp_rank_{mp_rank:02d}_model_states.pt"
-        state = _torch_load(file)["module"]
+        state = _torch_load(file, mmap=True)["module"]  # its optimizer state stays unread
     else:
         state, _ = read_tp_rank_state(checkpoint, mp_rank, zero_stage)
     return {name.removeprefix(TRAINER_PREFIX): value for name, value in state.items()
