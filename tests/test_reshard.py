@@ -18,6 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from distributed import run_distributed
 from step_actions import AtStep
 
@@ -119,3 +121,30 @@ def test_resume_on_another_layout_continues_the_uninterrupted_losses_for_zero_0_
         for step, (a, e) in enumerate(zip(actual, expected), start=SAVE_AT + 1):
             assert abs(a - e) <= tolerance * abs(e), f"{name}: step {step}: {a!r} vs {e!r} (uninterrupted)"
     assert len(losses["z3-dp1-to-dp2"]) == len(losses["z3-dp2-to-dp1"]) == 20
+
+
+def _manifest(zero_stage: int, tp: int, zero_partitions: int) -> dict:
+    return {"zero_stage": zero_stage, "zero_partitions": zero_partitions, "config": {"parallel": {"tp": tp}}}
+
+
+def test_resume_route_for_each_layout_change_and_one_line_refusals(tmp_path):
+    from titans_train.config import InvalidValueError
+    from titans_train.convert.reshard import resume_route
+
+    cases = {  # (source stage, tp, ZeRO partitions), (this run's tp, partitions) -> route
+        ((0, 1, 1), (1, 2)): "same", ((0, 2, 1), (1, 1)): "zero0", ((0, 1, 1), (4, 1)): "zero0",
+        ((1, 1, 2), (1, 2)): "same", ((1, 1, 2), (1, 1)): "deepspeed", ((3, 1, 1), (1, 2)): "deepspeed",
+        ((2, 2, 1), (2, 1)): "same", ((2, 2, 1), (2, 2)): "tensor_parallel", ((3, 1, 1), (2, 1)): "tensor_parallel",
+        ((3, 2, 1), (1, 1)): "tensor_parallel",
+    }
+    for ((stage, tp, partitions), (new_tp, new_partitions)), route in cases.items():
+        assert resume_route(_manifest(stage, tp, partitions), stage, new_tp, new_partitions, "fp32", tmp_path) == route
+    with pytest.raises(InvalidValueError) as stage_change:
+        resume_route(_manifest(1, 1, 1), 3, 1, 1, "fp32", tmp_path)
+    with pytest.raises(InvalidValueError) as bf16_zero0:
+        resume_route(_manifest(0, 2, 1), 0, 1, 1, "bf16", tmp_path)
+    for error, key in ((stage_change, "parallel.zero_stage"), (bf16_zero0, "parallel.tp")):
+        message = str(error.value)
+        assert message.startswith(key) and "\n" not in message and str(tmp_path) in message, message
+    assert "relaunch with parallel.zero_stage=1" in str(stage_change.value)
+    assert resume_route(_manifest(0, 2, 2), 0, 2, 1, "bf16", tmp_path) == "same"  # bf16 ZeRO-0, dp only
