@@ -142,7 +142,8 @@ def test_resume_route_for_each_layout_change_and_one_line_refusals(tmp_path):
     with pytest.raises(InvalidValueError) as stage_change:
         resume_route(_manifest(1, 1, 1), 3, 1, 1, "fp32", tmp_path)
     with pytest.raises(InvalidValueError) as bf16_zero0:
-        resume_route(_manifest(0, 2, 1), 0, 1, 1, "bf16", tmp_path)
+        resume_route(_manifest(0, 2, 1) | {"config": {"parallel": {"tp": 2}, "train": {"precision": "bf16"}}},
+                     0, 1, 1, "bf16", tmp_path)
     for error, key in ((stage_change, "parallel.zero_stage"), (bf16_zero0, "parallel.tp")):
         message = str(error.value)
         assert message.startswith(key) and "\n" not in message and str(tmp_path) in message, message

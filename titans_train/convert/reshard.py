@@ -50,11 +50,13 @@ def resume_route(manifest: dict[str, Any], zero_stage: int, tp: int, zero_partit
     if zero_stage == 0:
         if source_tp == tp:
             return "same"
-        if precision == "bf16":  # DeepSpeed's bf16 optimizer keeps the fp32 master weights in shards of its own
+        if manifest["config"].get("train", {}).get("precision", precision) == "bf16":
+            # DeepSpeed's bf16 optimizer keeps the fp32 master weights in shards of its own, which
+            # its ZeRO-0 loader reads only for the same layout
             raise InvalidValueError("parallel.tp", f"{checkpoint} (ZeRO 0, bf16, tp={source_tp}) cannot resume with "
-                                    f"tp={tp}: DeepSpeed's bf16 optimizer state is not resharded; relaunch with "
-                                    f"parallel.tp={source_tp}, or resume it with parallel.zero_stage=1 via "
-                                    "train.init_from=<checkpoint> and another checkpoint.dir")
+                                    f"tp={tp}: DeepSpeed's bf16 optimizer state of ZeRO 0 is not re-cut for another "
+                                    f"tp size; relaunch with parallel.tp={source_tp}, or start a new run from its "
+                                    "weights with train.init_from=<checkpoint> and another checkpoint.dir")
         return "zero0"
     if source_tp > 1 or tp > 1:
         return "same" if (source_tp, source_partitions) == (tp, zero_partitions) else "tensor_parallel"
