@@ -70,7 +70,7 @@ def write_universal(checkpoint: Path, manifest: dict[str, Any], out: Path, targe
     zero_stage = int(manifest["zero_stage"])
     if zero_stage not in (1, 2, 3):
         raise ConversionError(checkpoint, f"is a ZeRO {zero_stage} checkpoint, which has no ZeRO shards",
-                              "reshard it with titans_train.convert.reshard_zero0")
+                              "re-cut it with titans_train.convert.reshard.write_zero0_for_tp")
     vocab_size = int(config["model"]["vocab_size"])
     optimizer_state = None
     for state in ZERO_STATES:
