@@ -29,12 +29,29 @@ def build_config(variant: str, args: argparse.Namespace) -> TitansConfig:
     )
 
 
-def step_times(model: TitansLM, args: argparse.Namespace) -> list[float]:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batch flags (~10M parameters, T=1024, batch 1 by default)."""
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=12)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--segment-len", type=int, default=128)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=1024)
+
+
+def make_optimizer(model: TitansLM) -> torch.optim.Optimizer:
     parameters = list(model.named_parameters())
-    optimizer = torch.optim.AdamW([
+    return torch.optim.AdamW([
         {"params": [p for n, p in parameters if not no_weight_decay(n, p)], "weight_decay": 0.1},
         {"params": [p for n, p in parameters if no_weight_decay(n, p)], "weight_decay": 0.0},
     ], lr=1e-3)
+
+
+def step_times(model: TitansLM, args: argparse.Namespace) -> list[float]:
+    optimizer = make_optimizer(model)
     generator = torch.Generator().manual_seed(0)
     times = []
     for _ in range(args.warmup + args.steps):
@@ -54,15 +71,7 @@ def step_times(model: TitansLM, args: argparse.Namespace) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--n-layers", type=int, default=12)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--segment-len", type=int, default=128)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
