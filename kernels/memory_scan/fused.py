@@ -60,6 +60,17 @@ def _activation_backward(grad, x, activation):
     return torch.ops.aten.gelu_backward(grad, x, approximate="none")
 
 
+def _pair_combination(pair, weights, pair_dim):
+    """pair.select(pair_dim, 0) * w_0 + pair.select(pair_dim, 1) * w_1, weights (G, n, 2) per token.
+
+    pair (G, n, d, 2) with pair_dim -1, or (G, n, 2, d) with pair_dim -2 -> (G, n, d). Equals
+    `(pair * weights).sum(pair_dim)` bit for bit (a sum of two terms), at a fraction of the time: a
+    CPU reduction over a dim of size 2 runs element by element (2.5-4x slower measured).
+    """
+    first, second = pair.unbind(pair_dim)
+    return first * weights[..., 0, None] + second * weights[..., 1, None]
+
+
 def _minus_bmm(a, b):
     """-(a @ b) in one op (beta=0 ignores the uninitialised input)."""
     return torch.baddbmm(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0, alpha=-1)
@@ -109,7 +120,7 @@ def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, tok
             score = gates.update_scores * gram
             if _mix_outputs(state):
                 mixed = (hidden @ state.view(groups, 2 * d_out, d_in).mT).view(groups, n, d_out, 2)
-                hidden = (mixed * gates.retrieval_decays.unsqueeze(-2)).sum(-1)
+                hidden = _pair_combination(mixed, gates.retrieval_decays, -1)
             else:
                 mixed = (gates.retrieval_decays.unsqueeze(-1) * hidden.unsqueeze(-2)).view(groups, n, 2 * d_in)
                 hidden = mixed @ state.view(groups, d_out, 2 * d_in).mT
@@ -177,13 +188,13 @@ def _backward_chunk(
         if _mix_outputs(state):
             grad_rows_flat = grad.view(groups, 2 * d_out, d_in)
             grad_mixed = _minus_bmm(layer_input, grad_rows_flat.mT).view(groups, n, d_out, 2)
-            grad_errors.append((grad_mixed * gates.state_rows.unsqueeze(-2)).sum(-1))
+            grad_errors.append(_pair_combination(grad_mixed, gates.state_rows, -1))
             grad_state_rows += (grad_mixed * saved.errors[layer].unsqueeze(-1)).sum(-2)
             grad_inputs.append(_minus_bmm(mixed.view(groups, n, 2 * d_out), grad_rows_flat))
         else:
             grad_errors.append(_minus_bmm(mixed, grad_flat.mT))  # (G, n, d_out)
             grad_mixed = _minus_bmm(saved.errors[layer], grad_flat).view(groups, n, 2, d_in)
-            grad_inputs.append((grad_mixed * gates.state_rows.unsqueeze(-1)).sum(-2))
+            grad_inputs.append(_pair_combination(grad_mixed, gates.state_rows, -2))
             grad_state_rows += (grad_mixed * layer_input.unsqueeze(-2)).sum(-1)
 
     grad_retrieval_decays = grad_gates.retrieval_decays
@@ -208,7 +219,7 @@ def _backward_chunk(
                 grad_states[layer].view(groups, d_out, 2 * d_in).baddbmm_(grad_out.mT, mixed)
                 grad_mixed = (grad_out @ state.view(groups, d_out, 2 * d_in)).view(groups, n, 2, d_in)
                 grad_retrieval_decays += (grad_mixed * hidden.unsqueeze(-2)).sum(-1)
-                grad_hidden = (grad_mixed * gates.retrieval_decays.unsqueeze(-1)).sum(-2)
+                grad_hidden = _pair_combination(grad_mixed, gates.retrieval_decays, -2)
             minus_grad_scores = grad_out @ saved.errors[layer].mT
             grad_errors[layer].baddbmm_(saved.scores[layer].mT, grad_out, alpha=-1)
             grad_update_scores.addcmul_(minus_grad_scores, saved.grams[layer], value=-1)
