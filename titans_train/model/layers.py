@@ -113,11 +113,17 @@ class CausalConv(nn.Module):
         return x[:, x.shape[1] - keep:].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail."""
+        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail.
+
+        The conv runs on time-major data, as a 2-D channels-last depthwise conv (B, C, 1, K-1+T):
+        the output comes back (B, T, C)-contiguous, so the heads' vectors the memory normalises
+        next are contiguous (a channel-major conv1d output made that norm and the kernel's input
+        copies strided passes). Same products and per-channel sums as conv1d.
+        """
         channels = self.weight.shape[0]
         if tail is None:
             tail = x.new_zeros(x.shape[0], channels, self.kernel_size - 1)
-        padded = torch.cat([tail, x.transpose(1, 2)], dim=2)  # (B, C, K-1+T)
-        y = F.conv1d(padded, self.weight.unsqueeze(1), groups=channels)  # (B, C, T)
-        new_tail = padded[:, :, padded.shape[2] - (self.kernel_size - 1):]
-        return y.transpose(1, 2), new_tail
+        padded = torch.cat([tail.transpose(1, 2), x], dim=1)  # (B, K-1+T, C)
+        y = F.conv2d(padded.transpose(1, 2).unsqueeze(2), self.weight[:, None, None, :], groups=channels)
+        new_tail = padded[:, padded.shape[1] - (self.kernel_size - 1):].transpose(1, 2)
+        return y.squeeze(2).transpose(1, 2), new_tail

@@ -1,0 +1,41 @@
+"""CausalConv (a channels-last 2-D depthwise conv) against the textbook causal convolution.
+
+y[b, t, c] = sum_k w[c, k] x_padded[b, t + k, c], x_padded = [tail | x] along time; fp64, values,
+new tail and the gradients of x, the tail and the weight, with and without an incoming tail and for
+inputs shorter than the tail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titans_train.model.layers import CausalConv
+
+CHANNELS, KERNEL = 6, 4
+
+
+def explicit_conv(x, tail, weight):
+    padded = torch.cat([tail.transpose(1, 2), x], dim=1)  # (B, K-1+T, C)
+    seq_len = x.shape[1]
+    y = sum(weight[:, k] * padded[:, k:k + seq_len] for k in range(weight.shape[1]))
+    return y, padded[:, seq_len:].transpose(1, 2)
+
+
+@pytest.mark.parametrize("seq_len, with_tail", [(9, True), (9, False), (2, True)])
+def test_causal_conv_matches_explicit_sum(seq_len, with_tail):
+    torch.manual_seed(seq_len)
+    conv = CausalConv(CHANNELS, KERNEL).double()
+    x = torch.randn(2, seq_len, CHANNELS, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, CHANNELS, KERNEL - 1, dtype=torch.float64, requires_grad=True)
+    y, new_tail = conv(x, tail if with_tail else None)
+    want_y, want_tail = explicit_conv(x, tail if with_tail else torch.zeros_like(tail), conv.weight)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_tail, want_tail, rtol=0, atol=0)
+    upstream = torch.randn_like(y), torch.randn_like(new_tail)
+    wrt = [x, conv.weight] + ([tail] if with_tail else [])
+    got = torch.autograd.grad((y, new_tail), wrt, upstream)
+    want = torch.autograd.grad((want_y, want_tail), wrt, upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
