@@ -9,6 +9,7 @@ whole one does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -53,26 +54,30 @@ class Attention(nn.Module):
         keys = apply_rope(split_heads(self.k_proj(x), self.n_heads), positions, self.rope_base)
         return keys, split_heads(self.v_proj(x), self.n_heads)
 
-    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def attend(self, queries: torch.Tensor, key_parts: Sequence[torch.Tensor], value_parts: Sequence[torch.Tensor],
                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Queries (B, H, Tq, d) over [persistent | keys (B, H, Tk, d)] with mask (Tq, Tk) -> (B, H, Tq, d).
+        """Queries (B, H, Tq, d) over [persistent | key parts joined along time (B, H, Tk, d)] with
+        mask (Tq, Tk) -> (B, H, Tq, d).
 
-        mask None means plain causal attention of Tq = Tk tokens; without persistent tokens it goes
-        to SDPA as `is_causal`, which is what lets CUDA pick its flash kernel (a boolean mask
-        restricts SDPA to the memory-efficient and math kernels).
+        The parts (e.g. a cached tail and the new keys) are joined together with the persistent
+        tokens in one copy. mask None means plain causal attention of Tq = Tk tokens; without
+        persistent tokens it goes to SDPA as `is_causal`, which is what lets CUDA pick its flash
+        kernel (a boolean mask restricts SDPA to the memory-efficient and math kernels).
         """
         if mask is None:
             if self.persistent_keys is None:
-                return F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
+                return F.scaled_dot_product_attention(queries, _joined(key_parts), _joined(value_parts),
+                                                      is_causal=True)
             positions = torch.arange(queries.shape[2], device=queries.device)
             mask = window_mask(positions, positions, None)
         if self.persistent_keys is not None:
             batch = queries.shape[0]
             n_persistent = self.persistent_keys.shape[1]
-            keys = torch.cat([self.persistent_keys.to(keys.dtype).expand(batch, -1, -1, -1), keys], dim=2)
-            values = torch.cat([self.persistent_values.to(values.dtype).expand(batch, -1, -1, -1), values], dim=2)
+            dtype = key_parts[0].dtype
+            key_parts = [self.persistent_keys.to(dtype).expand(batch, -1, -1, -1), *key_parts]
+            value_parts = [self.persistent_values.to(dtype).expand(batch, -1, -1, -1), *value_parts]
             mask = torch.cat([mask.new_ones(mask.shape[0], n_persistent), mask], dim=1)
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        return F.scaled_dot_product_attention(queries, _joined(key_parts), _joined(value_parts), attn_mask=mask)
 
     def cached_state_shapes(self, batch_size: int, position: int, window: Optional[int]) -> dict[str, tuple[int, ...]]:
         cached = position if window is None else min(position, window - 1)
@@ -103,10 +108,22 @@ class Attention(nn.Module):
                                            tail)
         cached = tail["keys"].shape[2]
         key_positions = torch.arange(position - cached, position + seq_len, device=x.device)
-        keys = torch.cat([tail["keys"], new_keys], dim=2)  # (B, H, cached+T, d)
-        values = torch.cat([tail["values"], new_values], dim=2)
         plain_causal = window is None and cached == 0
-        out = self.attend(queries, keys, values, None if plain_causal else window_mask(positions, key_positions, window))
-        keep = keys.shape[2] if window is None else min(keys.shape[2], window - 1)
-        start = keys.shape[2] - keep
-        return out, {"keys": keys[:, :, start:], "values": values[:, :, start:]}
+        mask = None if plain_causal else window_mask(positions, key_positions, window)
+        out = self.attend(queries, [tail["keys"], new_keys], [tail["values"], new_values], mask)
+        keep = cached + seq_len if window is None else min(cached + seq_len, window - 1)
+        return out, {name: _last(tail[name], new, keep)
+                     for name, new in (("keys", new_keys), ("values", new_values))}
+
+
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts concatenated along time (dim 2), empty ones skipped: no copy for a single part."""
+    parts = [part for part in parts if part.shape[2] > 0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _last(tail: torch.Tensor, new: torch.Tensor, keep: int) -> torch.Tensor:
+    """The last `keep` steps of [tail | new] along time, a view of `new` when they all lie in it."""
+    if keep <= new.shape[2]:
+        return new[:, :, new.shape[2] - keep:]
+    return _joined([tail[:, :, tail.shape[2] - (keep - new.shape[2]):], new])

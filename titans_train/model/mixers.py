@@ -238,29 +238,27 @@ class MACMixer(nn.Module):
                                           for layer in range(len(self.memory.initial_weights)))
             retrieved = self.memory.retrieve(segment_start_weights, retrieve_queries[:, :, piece])
             keys_h, values_h = self.attention.project_keys_values(merge_heads(retrieved), positions[piece])
-            cache = {
-                "memory_keys": torch.cat([cache["memory_keys"], keys_h], dim=2),
-                "memory_values": torch.cat([cache["memory_values"], values_h], dim=2),
-                "keys": torch.cat([cache["keys"], keys_x[:, :, piece]], dim=2),
-                "values": torch.cat([cache["values"], values_x[:, :, piece]], dim=2),
-            }
             # Token j of the segment sees h_i and x_i for i <= j (segment-relative indices).
             causal = window_mask(torch.arange(offset, offset + length, device=x.device),
                                  torch.arange(offset + length, device=x.device), None)
             attended = self.attention.attend(
                 queries[:, :, piece],
-                torch.cat([cache["memory_keys"], cache["keys"]], dim=2),
-                torch.cat([cache["memory_values"], cache["values"]], dim=2),
+                [cache["memory_keys"], keys_h, cache["keys"], keys_x[:, :, piece]],
+                [cache["memory_values"], values_h, cache["values"], values_x[:, :, piece]],
                 torch.cat([causal, causal], dim=1),
             )  # (B, H, length, d)
+            if offset + length == self.segment_len:  # the segment is closed: its cache is dropped
+                cache = {name: value[:, :, :0] for name, value in cache.items()}
+            else:
+                cache = {name: torch.cat([cache[name], new], dim=2) for name, new in (
+                    ("memory_keys", keys_h), ("memory_values", values_h),
+                    ("keys", keys_x[:, :, piece]), ("values", values_x[:, :, piece]))}
             projected = self.attention_out_proj(merge_heads(attended))  # (B, length, D)
             y = self.y_norm(projected.unflatten(-1, (-1, self.memory.head_dim))).flatten(2)
             updated, memory_state = self.memory(y, memory_state, self.segment_len, stats)
             # y's channels pair with the memory heads' channels (under tensor parallelism the
             # attention output projection hands each rank the channels of its own heads).
             outputs.append(split_heads(y, self.memory.n_memory_heads) * updated)  # (B, Hm, length, d)
-            if offset + length == self.segment_len:
-                cache = {name: value[:, :, :0] for name, value in cache.items()}
             start += length
         out = self.output(torch.cat(outputs, dim=2), x)
         new_state = {f"attention.{name}": value for name, value in cache.items()}
