@@ -247,12 +247,16 @@ class MACMixer(nn.Module):
                 [cache["memory_values"], values_h, cache["values"], values_x[:, :, piece]],
                 torch.cat([causal, causal], dim=1),
             )  # (B, H, length, d)
-            if offset + length == self.segment_len:  # the segment is closed: its cache is dropped
-                cache = {name: value[:, :, :0] for name, value in cache.items()}
+            segment_parts = {"memory_keys": keys_h, "memory_values": values_h,
+                             "keys": keys_x[:, :, piece], "values": values_x[:, :, piece]}
+            if offset + length == self.segment_len:
+                # The segment is closed: its cache is dropped. Empty views of this segment's keys,
+                # not of the incoming cache (which requires grad only on a rank that received it):
+                # every sequence-parallel rank then has the same backward graph, which ZeRO-3
+                # checks (it gathers parameters module by module in one order on all ranks).
+                cache = {name: part[:, :, :0] for name, part in segment_parts.items()}
             else:
-                cache = {name: torch.cat([cache[name], new], dim=2) for name, new in (
-                    ("memory_keys", keys_h), ("memory_values", values_h),
-                    ("keys", keys_x[:, :, piece]), ("values", values_x[:, :, piece]))}
+                cache = {name: torch.cat([cache[name], part], dim=2) for name, part in segment_parts.items()}
             projected = self.attention_out_proj(merge_heads(attended))  # (B, length, D)
             y = self.y_norm(projected.unflatten(-1, (-1, self.memory.head_dim))).flatten(2)
             updated, memory_state = self.memory(y, memory_state, self.segment_len, stats)
