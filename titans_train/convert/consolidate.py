@@ -30,7 +30,14 @@ import torch
 
 from titans_train.convert.errors import ConversionError
 from titans_train.convert.tp_layout import merge_tensor_parallel
-from titans_train.train.checkpoint import LATEST, MANIFEST, PARTIAL_PREFIX, TAG_PATTERN, CheckpointManager
+from titans_train.train.checkpoint import (
+    LATEST,
+    MANIFEST,
+    PARTIAL_PREFIX,
+    TAG_PATTERN,
+    CheckpointManager,
+    verify_checkpoint,
+)
 
 TRAINER_PREFIX = "model."  # LanguageModelObjective / ParallelObjective hold the TitansLM as `.model`
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -57,7 +64,7 @@ class ConsolidatedModel:
 
 
 def _verified(path: Path) -> dict[str, Any]:
-    manifest, reason = CheckpointManager(path.parent, keep_last=1, rank=0, world_size=1).verify(path)
+    manifest, reason = verify_checkpoint(path)  # sizes and content digests
     if manifest is None:
         previous = _previous_complete(path)
         fix = f"convert the previous complete checkpoint {previous}" if previous else "convert another, complete checkpoint"

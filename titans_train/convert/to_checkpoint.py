@@ -18,7 +18,8 @@ import torch
 
 from titans_train.convert.consolidate import TRAINER_PREFIX
 from titans_train.convert.output import atomic_directory
-from titans_train.train.checkpoint import FORMAT_VERSION, LATEST, MANIFEST, tag_for_step
+from titans_train.train.checkpoint import DIGEST_ALGORITHM, FORMAT_VERSION, LATEST, MANIFEST, tag_for_step
+from titans_train.train.file_digest import file_digest
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -38,6 +39,7 @@ def write_checkpoint(weights: dict[str, torch.Tensor], run_config: dict[str, Any
         torch.save({"module": module, "titans_config": config}, directory / MODEL_FILE)
         manifest = {"format": FORMAT_VERSION, "tag": tag, "step": step, "time": time.time(), "world_size": 1,
                     "files": {MODEL_FILE: (directory / MODEL_FILE).stat().st_size}, "tokens_seen": tokens_seen,
+                    "digest_algorithm": DIGEST_ALGORITHM, "digests": {MODEL_FILE: file_digest(directory / MODEL_FILE)},
                     "data_parallel_size": 1, "zero_stage": 0, "config": config, "converted_from": source}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         (temporary / LATEST).write_text(tag + "\n")

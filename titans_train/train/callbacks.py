@@ -13,7 +13,8 @@ They run in the order of `default_callbacks`, which matters:
 4. `TelemetryLog`: per-layer memory statistics every `logging.telemetry_interval` steps;
 5. `Evaluation`: validation loss (and `train.eval_tasks`) at the start, every
    `train.eval_interval` steps, at the end;
-6. `Checkpointing`: every `checkpoint.interval` steps, on a stop that asks for it, at the end.
+6. `Checkpointing`: every `checkpoint.interval` steps, on a stop that asks for it, at the end;
+   a checkpoint becomes `latest` only after a finite loss has seen its weights.
 
 Collective work (evaluation, telemetry, saving, the stop agreement) runs on every rank; only
 what is logged differs (rank 0 logs).
@@ -22,19 +23,16 @@ what is logged differs (rank 0 logs).
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from titans_train.errors import EXIT_DIVERGED, EXIT_REQUEUE
+from titans_train.train import stop_signals
 from titans_train.train.distributed import all_reduce_max_flag
 from titans_train.train.logging import ProgressMeter, progress_line
 
 if TYPE_CHECKING:
     from titans_train.train.trainer import Trainer
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
 
 @dataclass(frozen=True)
 class StepMetrics:
@@ -80,30 +78,29 @@ class DivergenceStop(Callback):
 
 
 class SignalStop(Callback):
-    """Stop with a checkpoint on SIGTERM / SIGUSR1, agreed by every rank at the end of a step."""
+    """Stop with a checkpoint on SIGTERM / SIGUSR1, agreed by every rank at the end of a step.
 
-    def __init__(self) -> None:
-        self.signal_number: int | None = None
-        self._previous: dict[int, object] = {}
+    The signals are recorded by `stop_signals` from the start of the process; one received
+    before the first step stops the run there (`Trainer._stop_if_signalled`)."""
 
-    def _handle(self, signal_number, frame) -> None:
-        self.signal_number = signal_number
-
-    def setup(self, trainer):  # early: a signal while building is honoured at the first step
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+    def setup(self, trainer):
+        stop_signals.catch()
 
     def on_step_end(self, trainer, metrics):
         if trainer.stop is not None:
             return
-        if all_reduce_max_flag(self.signal_number is not None):
-            received = f"signal {self.signal_number}" if self.signal_number is not None else "a signal on another rank"
+        if all_reduce_max_flag(stop_signals.received() is not None):
             trainer.request_stop(StopRequest(EXIT_REQUEUE, save=True,
-                                             reason=f"stop requested ({received}); saving at step {metrics.step}"))
+                                             reason=f"stop requested ({signal_description()}); saving at step {metrics.step}"))
 
     def close(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        stop_signals.release()
+
+
+def signal_description() -> str:
+    """Which stop signal this rank received, or that another rank did (after the agreement)."""
+    received = stop_signals.received()
+    return f"signal {received}" if received is not None else "a signal on another rank"
 
 
 class ProgressLog(Callback):
@@ -156,24 +153,34 @@ class Evaluation(Callback):
 
 
 class Checkpointing(Callback):
+    """Saves every `checkpoint.interval` steps, on a stop that asks for it and at the end.
+
+    A saved checkpoint becomes `latest` only once a finite loss has seen its weights: the next
+    step's training loss, or, when no step follows (a stop, the end), the validation loss at its
+    step. Otherwise it is deleted, so a blow-up in the step that saves is never resumed from."""
+
     def on_train_start(self, trainer):
         self.saved_at = trainer.step if trainer.result.resumed_from else None
 
     def on_step_end(self, trainer, metrics):
+        trainer.confirm_checkpoint(metrics.loss)  # this step's loss is that of the pending weights
         every = trainer.config.checkpoint.interval
         if trainer.stop is not None:
             if trainer.stop.save:
-                self._save(trainer)
+                self._save(trainer, no_step_follows=True)
         elif every and metrics.step % every == 0 and metrics.step != trainer.batch.total_steps:
-            self._save(trainer)
+            self._save(trainer, no_step_follows=False)
 
     def on_train_end(self, trainer):
-        if trainer.config.checkpoint.save_final and self.saved_at != trainer.step:
-            self._save(trainer)
+        if trainer.config.checkpoint.save_final and self.saved_at != trainer.step and trainer.stop is None:
+            self._save(trainer, no_step_follows=True)
 
-    def _save(self, trainer) -> None:
+    def _save(self, trainer, no_step_follows: bool) -> None:
         trainer.save()
         self.saved_at = trainer.step
+        if no_step_follows:
+            loss = trainer.result.validation.get(trainer.step)
+            trainer.confirm_checkpoint(trainer.log_validation("checkpoint") if loss is None else loss)
 
 
 def _healthy(trainer) -> bool:

@@ -2,26 +2,33 @@
 
 Layout of `checkpoint.dir`:
 
-    latest                      the tag of the newest complete checkpoint (written temp + rename)
+    latest                      the tag of the newest confirmed checkpoint (written temp + rename)
     step000001000/              one DeepSpeed checkpoint (model, optimizer, scheduler shards)
-        titans_checkpoint.json  the manifest: written last, lists every file with its size
+        titans_checkpoint.json  the manifest: written last, lists every file with its size and
+                                content digest (xxh3-128), and the run's resolved config
         rank00000_state.pt      per-rank state (RNG states of python, numpy, torch)
     .partial-step000002000/     a save in progress, or one cut short: never read
+    .pending-step000002000/     complete, not yet confirmed by a finite loss: never read
+    .deleting-step000000500/    being deleted (pruning, a discarded or replaced checkpoint)
     universal/step000001000/    copies re-cut to resume on another layout (`CheckpointManager.universal_copy`)
 
-A save writes into `.partial-<tag>` on every rank, waits for all ranks, then rank 0 writes the
-manifest, renames the directory to `<tag>`, points `latest` at it and deletes all but the newest
-`keep_last`. A directory without a valid manifest, or whose files do not match it, is damaged:
-resume reports it and falls back to the previous complete checkpoint. The directory must be on a
-file system every rank sees (the usual shared scratch of a cluster).
+A save writes into `.partial-<tag>` on every rank, waits for all ranks, digests the files (each
+rank its share), then rank 0 writes the manifest and renames the directory to `.pending-<tag>`.
+The checkpoint is promoted (`confirm`: renamed to `<tag>`, `latest` pointed at it, all but the
+newest `keep_last` deleted) only once a finite loss has been computed with its weights; a
+non-finite one deletes it (`discard`). Deleting renames to `.deleting-<name>` first, so a kill
+midway never leaves a half-deleted `<tag>`; `clean_leftovers` removes what a dead job left.
+A `<tag>` without a valid manifest, or whose files do not match it (size, then digest), is
+damaged: resume reports it and falls back to the previous complete checkpoint. The directory
+must be on a file system every rank sees (the usual shared scratch of a cluster).
 
 Who writes what (`assign_checkpoint_writers` decides DeepSpeed's part):
 - DeepSpeed's model states (`mp_rank_XX_model_states.pt`): data-parallel rank 0 of each tp rank;
   its ZeRO shards (`*_optim_states.pt`, ZeRO-3 parameter shards): every rank of the ZeRO
   partition group. Under ZeRO-3 with sp > 1 that group is dp alone, so the sp ranks of a replica
   would write the same file names with the same contents: only sp rank 0 writes them.
-- this module: every rank its `rank<NNNNN>_state.pt`; rank 0 the manifest, the rename, `latest`
-  and pruning.
+- this module: every rank its `rank<NNNNN>_state.pt` and the digests of its share of the files;
+  rank 0 the manifest, the renames, `latest` and pruning.
 """
 
 from __future__ import annotations
@@ -40,13 +47,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from titans_train.train.distributed import barrier
+from titans_train.errors import UserError
+from titans_train.train.distributed import all_gather_objects, barrier
+from titans_train.train.file_digest import ALGORITHM as DIGEST_ALGORITHM
+from titans_train.train.file_digest import file_digest
 
 MANIFEST = "titans_checkpoint.json"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
+PENDING_PREFIX = ".pending-"
+DELETING_PREFIX = ".deleting-"
+LEFTOVER_PREFIXES = (PARTIAL_PREFIX, PENDING_PREFIX, DELETING_PREFIX)
 UNIVERSAL_DIR = "universal"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content digests ("digests"); 1 (sizes only) is still read
 TAG_PATTERN = re.compile(r"^step(\d{9})$")
 
 
@@ -100,6 +113,72 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NoUsableCheckpoint(UserError):
+    pass
+
+
+def _digests(directory: Path, names: list[str], rank: int, world_size: int) -> dict[str, str]:
+    """name -> digest of every file in `names`, each rank digesting its share (collective if
+    world_size > 1). An unreadable file gets a digest that matches nothing."""
+    share = {}
+    for name in names[rank::world_size]:
+        try:
+            share[name] = file_digest(directory / name)
+        except OSError as error:
+            share[name] = f"unreadable ({error.strerror or error})"
+    if world_size == 1:
+        return share
+    merged: dict[str, str] = {}
+    for part in all_gather_objects(share):
+        merged.update(part)
+    return merged
+
+
+def content_damage(path: Path, manifest: dict[str, Any], rank: int = 0, world_size: int = 1) -> str:
+    """"" if every file of the checkpoint at `path` has its manifest digest, else the reason,
+    naming the first file that differs. A manifest without digests (format 1) passes. Collective
+    with world_size > 1: every rank calls it, each digests its share of the files."""
+    expected = manifest.get("digests")
+    if expected is None:
+        return ""
+    names = sorted(expected)
+    actual = _digests(path, names, rank, world_size)
+    for name in names:
+        if actual[name] != expected[name]:
+            return (f"{path / name} does not match its {manifest.get('digest_algorithm', DIGEST_ALGORITHM)} digest "
+                    "in the manifest: its bytes changed after the save")
+    return ""
+
+
+def check_structure(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") if `path` has a readable manifest and every file it lists with that size,
+    else (None, reason). Cheap: reads no file's contents."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return None, f"no {MANIFEST} (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return None, f"unreadable {MANIFEST}: {error}"
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return None, f"missing file {name}"
+        if file.stat().st_size != size:
+            return None, f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return manifest, ""
+
+
+def verify_checkpoint(path: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") for a complete, undamaged checkpoint (structure, sizes, then every file's
+    digest), (None, reason) otherwise. One process; conversion reads checkpoints through it."""
+    path = Path(path)
+    manifest, reason = check_structure(path)
+    if manifest is not None:
+        reason = content_damage(path, manifest)
+    return (manifest, "") if not reason else (None, reason)
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     tag: str
@@ -122,7 +201,8 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict[str, Any], manifest_extra: dict[str, Any]) -> Path:
-        """Save on every rank; returns the final directory once it is complete and `latest`."""
+        """Save on every rank; returns the `.pending-<tag>` directory once it is complete.
+        It is not `latest` until `confirm` (or deleted by `discard`)."""
         tag = tag_for_step(step)
         partial_tag = PARTIAL_PREFIX + tag
         partial = self.directory / partial_tag
@@ -133,47 +213,75 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.directory), tag=partial_tag, client_state=client_state, save_latest=False)
         torch.save({"rng": rng_state()}, partial / f"rank{self.rank:05d}_state.pt")
         barrier()
-        final = self.directory / tag
+        names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+        digests = _digests(partial, names, self.rank, self.world_size)
+        pending = self.directory / (PENDING_PREFIX + tag)
         if self.rank == 0:
-            files = {
-                str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
-            }
+            files = {name: (partial / name).stat().st_size for name in names}
             manifest = {"format": FORMAT_VERSION, "tag": tag, "step": step, "time": time.time(),
-                        "world_size": self.world_size, "files": files, **manifest_extra}
+                        "world_size": self.world_size, "files": files, "digest_algorithm": DIGEST_ALGORITHM,
+                        "digests": digests, **manifest_extra}
             _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _write_atomic(self.directory / LATEST, tag + "\n")
+            self._remove(pending)
+            os.replace(partial, pending)
+        barrier()
+        return pending
+
+    def confirm(self, pending: Path) -> Path:
+        """Promote a pending checkpoint (a finite loss has seen its weights): rename it to its tag,
+        point `latest` at it, prune. Every rank calls it; returns the final directory."""
+        final = self.directory / pending.name.removeprefix(PENDING_PREFIX)
+        if self.rank == 0:
+            self._remove(final)  # a checkpoint of the same step from an earlier attempt
+            os.replace(pending, final)
+            _write_atomic(self.directory / LATEST, final.name + "\n")
             self._prune()
         barrier()
         return final
 
+    def discard(self, pending: Path) -> None:
+        """Delete a pending checkpoint whose weights gave a non-finite loss. Every rank calls it."""
+        if self.rank == 0:
+            self._remove(pending)
+        barrier()
+
+    def _remove(self, path: Path) -> None:
+        """Delete a directory crash-safely: renamed out of the way first, so a kill midway leaves
+        a `.deleting-` leftover (removed at the next start), never a half-deleted checkpoint."""
+        if not path.exists():
+            return
+        doomed = path.with_name(DELETING_PREFIX + path.name.removeprefix(PENDING_PREFIX))
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
         for info in complete[: -self.keep_last]:
-            shutil.rmtree(info.path, ignore_errors=True)
-            shutil.rmtree(self.directory / UNIVERSAL_DIR / info.tag, ignore_errors=True)
-        for stale in self.directory.glob(PARTIAL_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            self._remove(self.directory / UNIVERSAL_DIR / info.tag)
+            self._remove(info.path)
+
+    def clean_leftovers(self) -> None:
+        """Remove what a dead job left (`.partial-`, `.pending-`, `.deleting-` directories, also
+        in universal/ and universal/<tag>/): none of them is ever read. Every rank calls it at the
+        start of a run."""
+        if self.rank == 0:
+            universal = self.directory / UNIVERSAL_DIR
+            copies = [path for path in universal.iterdir() if path.is_dir()] if universal.is_dir() else []
+            for parent in (self.directory, universal, *copies):
+                if not parent.is_dir():
+                    continue
+                for leftover in parent.iterdir():
+                    if leftover.is_dir() and leftover.name.startswith(LEFTOVER_PREFIXES):
+                        self.log(f"[checkpoint] removing {leftover} (left by a job that did not finish)")
+                        shutil.rmtree(leftover, ignore_errors=True)
+        barrier()
 
     # ---- finding ------------------------------------------------------------------------------
     def verify(self, path: Path) -> tuple[dict[str, Any] | None, str]:
-        """(manifest, "") for a complete checkpoint, (None, reason) for a damaged one."""
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            return None, f"no {MANIFEST} (the save did not finish)"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            return None, f"unreadable {MANIFEST}: {error}"
-        for name, size in manifest.get("files", {}).items():
-            file = path / name
-            if not file.is_file():
-                return None, f"missing file {name}"
-            if file.stat().st_size != size:
-                return None, f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-        return manifest, ""
+        """(manifest, "") for a complete checkpoint, (None, reason) for a damaged one: the cheap
+        check (`check_structure`); `newest_usable` also checks the contents."""
+        return check_structure(path)
 
     def complete_checkpoints(self) -> list[CheckpointInfo]:
         """Every complete checkpoint, oldest first (damaged ones are skipped silently here)."""
@@ -209,6 +317,28 @@ class CheckpointManager:
             manifest, reason = self.verify(self.directory / tag)
             result.append(CheckpointInfo(tag, self.directory / tag, manifest) if manifest else (tag, reason))
         return result
+
+    def newest_usable(self) -> CheckpointInfo | None:
+        """The checkpoint to resume from: the first candidate whose files all match the manifest
+        (contents included, each rank digesting its share: every rank calls this). A damaged one
+        is reported once and the previous one tried; None when there is no checkpoint at all.
+        Raises `NoUsableCheckpoint` when every checkpoint there is damaged."""
+        damaged = []
+        for candidate in self.candidates():
+            if isinstance(candidate, CheckpointInfo):
+                reason = content_damage(candidate.path, candidate.manifest, self.rank, self.world_size)
+                if not reason:
+                    return candidate
+                tag = candidate.tag
+            else:
+                tag, reason = candidate
+            self.log(f"checkpoint {tag} is damaged ({reason}); trying the previous one")
+            damaged.append(tag)
+        if damaged:
+            raise NoUsableCheckpoint(
+                f"no usable checkpoint in {self.directory}: {', '.join(damaged)} damaged (see the warnings above); "
+                "restore them from a copy, or move them out of that directory to start this run afresh")
+        return None
 
     # ---- loading ------------------------------------------------------------------------------
     def universal_copy(self, info: CheckpointInfo, route: str, engine, tp_size: int) -> Path:

@@ -11,8 +11,8 @@ import argparse
 import math
 import os
 
-from titans_train.config import load_recipe
-from titans_train.train.distributed import shutdown_distributed, world_size_from_environment
+from titans_train.errors import EXIT_OK
+from titans_train.train import stop_signals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    stop_signals.catch()  # before the heavy imports: a SIGTERM from the first moment is a requested stop
+    from titans_train.config import load_recipe
+    from titans_train.train.distributed import shutdown_distributed, world_size_from_environment
+
     config = load_recipe(args.recipe, args.overrides, world_size=world_size_from_environment())
     if config.parallel.tp > 1:
         # megatron-core's tensor-parallel linears issue their gradient all-reduce before the
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(config)
     shutdown_distributed()
-    if result.rank != 0:
+    if result.rank != 0 or result.exit_code != EXIT_OK:  # a stop has said why, in one line
         return result.exit_code
     if result.validation and result.resumed_from is None:
         first_step, last_step = min(result.validation), max(result.validation)

@@ -48,3 +48,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_config, total_steps:
         decay_fraction=train_config.decay_fraction,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, **kwargs) / train_config.lr)
+
+
+def apply_schedule_at_current_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every param group's lr to this run's schedule at the scheduler's step.
+
+    A scheduler loaded from a checkpoint carries, in its state and in the optimizer's groups,
+    the lr the checkpoint's run computed for the next step from *its* total steps; a run resumed
+    with another `train.steps` would take one step at that stale lr. The schedule functions
+    themselves are this run's (LambdaLR never restores them from a checkpoint).
+    """
+    lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

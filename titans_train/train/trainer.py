@@ -7,8 +7,14 @@ one included), and wrapped by DeepSpeed. One optimizer step is `titans_train.par
 backward, clip, step); everything else (logging, MFU, telemetry, evaluation, checkpointing, the
 divergence and signal stops) is a callback (`callbacks.py`, which documents their order).
 
-Exit codes (`TrainResult.exit_code`): 0 done, 3 the loss diverged (stopped without saving), 75
-stopped by SIGTERM/SIGUSR1 after a complete checkpoint (requeue: the next start resumes exactly).
+Exit codes (`TrainResult.exit_code`): 0 done, 3 the loss diverged (a training or validation loss
+was NaN/inf: stopped without saving), 75 stopped by SIGTERM/SIGUSR1 after a complete checkpoint,
+or before the first step with nothing to save (requeue: the next start resumes exactly).
+
+A resume is refused when the config differs from the checkpoint's beyond the keys
+`resume_config.SAFE_TO_CHANGE` lists; `config.yaml` in the run dir is written only once the run
+is known to start (fresh, or resuming a compatible checkpoint), so it never claims a config that
+did not run.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 from titans_train.config import batch_plan, model_config, to_container
 from titans_train.config.errors import InvalidValueError
 from titans_train.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (the contract, re-exported)
-from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks
-from titans_train.train.checkpoint import CheckpointInfo, CheckpointManager, assign_checkpoint_writers
+from titans_train.train import stop_signals
+from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks, signal_description
+from titans_train.train.checkpoint import PENDING_PREFIX, CheckpointInfo, CheckpointManager, assign_checkpoint_writers
 from titans_train.train.distributed import (
     all_reduce_max_flag,
     barrier,
@@ -39,7 +46,9 @@ from titans_train.train.distributed import (
 from titans_train.train.engine import build_engine, deepspeed_config
 from titans_train.train.logging import RunLogger
 from titans_train.train.run_data import RunData, build_run_data
+from titans_train.train.resume_config import check_resumable
 from titans_train.train.run_lock import RunDirectoryLocked, RunLock
+from titans_train.train.schedule import apply_schedule_at_current_step
 
 
 @dataclass
@@ -88,6 +97,7 @@ class Trainer:
     """
 
     def __init__(self, config: DictConfig, callbacks: Sequence[Callback] = ()):
+        stop_signals.catch()  # a signal from now on is honoured (`titans-train train` catches earlier)
         self.config = config
         self.batch = batch_plan(config, world_size_from_environment())
         init_distributed(config.parallel.backend, config.parallel.timeout_s)
@@ -106,13 +116,12 @@ class Trainer:
         self.device = current_device()
         self.resolved = to_container(config)
         self.logger = RunLogger(config, enabled=self.context.rank == 0, resolved_config=self.resolved)
-        if self.context.rank == 0:
-            _write_resolved_config(config)
         self.callbacks = [*callbacks, *default_callbacks()]
         self.step = 0
         self.tokens_seen = 0
         self.stop: StopRequest | None = None
         self._task_evaluation = None
+        self.pending_checkpoint: Path | None = None  # saved, not yet confirmed by a finite loss
         self.result = TrainResult(exit_code=EXIT_OK, step=0, tokens_seen=0)
 
     # ---- setup --------------------------------------------------------------------------------
@@ -124,6 +133,13 @@ class Trainer:
         from titans_train.parallel.zero import deepspeed_data_parallel_size
 
         config = self.config
+        self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
+                                             rank=self.context.rank, world_size=self.context.layout.world_size,
+                                             log=self.logger.warning)
+        self.checkpoints.clean_leftovers()
+        resume = self._pick_resume_checkpoint()
+        if self.context.rank == 0:
+            _write_resolved_config(config)  # the config that runs: fresh, or compatible with `resume`
         seed_everything(config.train.seed)  # dropout, data order; the weights use the seed directly
         self.data: RunData = build_run_data(config, self.context, self.batch, log=self.logger.info)
         self.titans_config = model_config(config)
@@ -148,10 +164,6 @@ class Trainer:
             precision=config.train.precision,
         )
         del initial_weights
-        self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
-                                             rank=self.context.rank, world_size=self.context.layout.world_size,
-                                             log=self.logger.warning)
-        resume = self._pick_resume_checkpoint()
         # ZeRO's shards are cut over its own data-parallel group (dp x sp, or dp for ZeRO-3 with
         # sp) and tp: a checkpoint of another layout is re-cut first (convert.reshard.resume_route).
         self.zero_partitions = deepspeed_data_parallel_size(self.context, config.parallel.zero_stage)
@@ -173,14 +185,14 @@ class Trainer:
         self.train_batches = self.data.train_batches()
 
     def _pick_resume_checkpoint(self) -> CheckpointInfo | None:
+        """The newest undamaged checkpoint (`CheckpointManager.newest_usable`), if its run's config
+        differs from this one only in keys safe to change (else `ConfigChangedOnResume`)."""
         if not self.config.checkpoint.auto_resume:
             return None
-        for candidate in self.checkpoints.candidates():
-            if isinstance(candidate, CheckpointInfo):
-                return candidate
-            tag, reason = candidate
-            self.logger.warning(f"checkpoint {tag} is damaged ({reason}); trying the previous one")
-        return None
+        resume = self.checkpoints.newest_usable()
+        if resume is not None:
+            check_resumable(resume.manifest["config"], self.resolved, str(resume.path))
+        return resume
 
     def _resume(self, info: CheckpointInfo) -> None:
         how = f" (re-cut for this layout: {self.resume_route})" if self.resume_route != "same" else ""
@@ -191,12 +203,14 @@ class Trainer:
         self.step = int(trainer_state["step"])
         self.tokens_seen = int(trainer_state["tokens_seen"])
         self.data.load_state_dict(trainer_state["data"])
+        apply_schedule_at_current_step(self.scheduler)  # this run's schedule (train.steps may differ)
         self.result.resumed_from = str(info.path)
 
     # ---- what callbacks call ------------------------------------------------------------------
     def request_stop(self, request: StopRequest) -> None:
-        """End the run after this step's callbacks (the first request wins)."""
-        if self.stop is not None:
+        """End the run after this step's callbacks. The first request wins, except that a
+        divergence (which saves nothing) overrides a stop that would save."""
+        if self.stop is not None and not (self.stop.save and request.exit_code == EXIT_DIVERGED):
             return
         self.stop = request
         (self.logger.info if request.save else self.logger.warning)(request.reason)
@@ -235,11 +249,17 @@ class Trainer:
         return _telemetry_metrics(step.telemetry)
 
     def log_validation(self, label: str) -> float:
+        """Validate, log, and stop the run as diverged (exit 3) if the loss is not finite."""
         loss = self.evaluate()
         ppl = math.exp(min(loss, 50.0))
         self.result.validation[self.step] = loss
         self.logger.info(f"validation ({label}, step {self.step}): loss {loss:.4f} | ppl {ppl:.2f}")
         self.logger.metrics(self.step, {"val/loss": loss, "val/ppl": ppl})
+        if not math.isfinite(loss):  # the same on every rank: a mean over every replica
+            self.request_stop(StopRequest(
+                EXIT_DIVERGED, save=False,
+                reason=f"validation loss is {loss} at step {self.step}: stopping without saving; the last "
+                       "checkpoint predates the divergence (lower train.lr or model.theta_max)"))
         return loss
 
     def log_eval_tasks(self, label: str) -> dict:
@@ -259,6 +279,7 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
+        """Save a checkpoint of this step; it becomes `latest` at `confirm_checkpoint`."""
         trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}
         client_state = {"titans_trainer": trainer_state, "titans_config": self.resolved}
         path = self.checkpoints.save(
@@ -267,9 +288,23 @@ class Trainer:
                             "zero_partitions": self.zero_partitions, "zero_stage": self.config.parallel.zero_stage,
                             "config": self.resolved},
         )
-        self.logger.info(f"checkpoint saved: {path}")
-        self.result.checkpoint = str(path)
+        self.pending_checkpoint = path
         return path
+
+    def confirm_checkpoint(self, loss: float) -> None:
+        """`loss` was computed with the weights of the pending checkpoint, if there is one: promote
+        it to `latest` if the loss is finite, delete it otherwise (the weights diverged)."""
+        pending, self.pending_checkpoint = self.pending_checkpoint, None
+        if pending is None:
+            return
+        if math.isfinite(loss):
+            path = self.checkpoints.confirm(pending)
+            self.logger.info(f"checkpoint saved: {path}")
+            self.result.checkpoint = str(path)
+        else:
+            self.checkpoints.discard(pending)
+            self.logger.warning(f"checkpoint {pending.name.removeprefix(PENDING_PREFIX)} deleted: a loss computed "
+                                f"with its weights is {loss}")
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -291,15 +326,27 @@ class Trainer:
                 f"{batch.gradient_accumulation_steps} accumulation | ZeRO {config.parallel.zero_stage}, "
                 f"{config.train.precision}")
 
+    def _stop_if_signalled(self, moment: str) -> None:
+        """A stop signal before the first step (agreed by every rank): nothing was trained since the
+        last checkpoint, so stop without saving; exit 75, and the requeued job resumes from it."""
+        if self.stop is None and all_reduce_max_flag(stop_signals.received() is not None):
+            self.request_stop(StopRequest(EXIT_REQUEUE, save=False,
+                                          reason=f"stop requested ({signal_description()}) {moment}: "
+                                                 "nothing trained since the last checkpoint, nothing to save; exiting for a requeue"))
+
     def _run(self) -> TrainResult:
         from titans_train.parallel.zero import optimizer_step
 
         for callback in self.callbacks:
             callback.setup(self)
-        self._build()
-        self.logger.info(self._describe())
-        for callback in self.callbacks:
-            callback.on_train_start(self)
+        self._stop_if_signalled("while starting")
+        if self.stop is None:
+            self._build()
+            self.logger.info(self._describe())
+            self._stop_if_signalled("while building")
+        if self.stop is None:
+            for callback in self.callbacks:
+                callback.on_train_start(self)
         while self.step < self.batch.total_steps and self.stop is None:
             lr = self.optimizer.param_groups[0]["lr"]
             micro_batches = [next(self.train_batches).to(self.device, non_blocking=True)
@@ -313,8 +360,8 @@ class Trainer:
                 callback.on_step_end(self, metrics)
         if self.stop is None:
             for callback in self.callbacks:
-                callback.on_train_end(self)
-        else:
+                callback.on_train_end(self)  # the final validation may still find a divergence
+        if self.stop is not None:
             self.result.exit_code = self.stop.exit_code
         self.result.step = self.step
         self.result.tokens_seen = self.tokens_seen
