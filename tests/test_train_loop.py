@@ -195,11 +195,12 @@ def test_checkpoint_cut_short_is_never_latest_damaged_falls_back_nan_stops(tmp_p
     assert result["damaged"] == "step000000006"
     assert result["fallback_from"].endswith("step000000004")  # the previous complete one
     assert sorted(result["fallback_losses"]) == [5, 6, 7, 8]
-    # A run whose loss turns NaN stops at that step and writes no checkpoint from then on.
+    # A run whose weights turn NaN in step 2 stops at step 3 (NaN loss); the step-2 checkpoint,
+    # saved with those weights, is deleted rather than promoted: nothing is left to resume.
     from titans_train.train.trainer import EXIT_DIVERGED
 
     assert result["diverged_code"] == EXIT_DIVERGED and result["diverged_steps"] == [1, 2, 3]
-    assert result["diverged_checkpoints"] == ["latest", "step000000002"]
+    assert result["diverged_checkpoints"] == []
 
 
 def test_checkpoint_manager_verifies_manifests(tmp_path):
