@@ -232,7 +232,9 @@ class CheckpointManager:
         point `latest` at it, prune. Every rank calls it; returns the final directory."""
         final = self.directory / pending.name.removeprefix(PENDING_PREFIX)
         if self.rank == 0:
-            self._remove(final)  # a checkpoint of the same step from an earlier attempt
+            # A checkpoint of the same step from an earlier attempt, and its universal copy.
+            self._remove(self.directory / UNIVERSAL_DIR / final.name)
+            self._remove(final)
             os.replace(pending, final)
             _write_atomic(self.directory / LATEST, final.name + "\n")
             self._prune()
