@@ -120,15 +120,16 @@ def changed_config_drill(run_dir: Path) -> dict:
     from titans_train.errors import UserError
     from titans_train.train.trainer import train
 
-    train(_config(run_dir, "train.steps=4"))
+    zero = "parallel.zero_stage=1"  # the lr is set through DeepSpeed's ZeRO optimizer
+    train(_config(run_dir, "train.steps=4", zero))
     config_yaml = (run_dir / "config.yaml").read_text()
     refusal = None
     try:
-        train(_config(run_dir, "train.steps=4", "train.lr=1e-2", "model.theta_max=0.01"))
+        train(_config(run_dir, "train.steps=4", zero, "train.lr=1e-2", "model.theta_max=0.01"))
     except UserError as error:
         refusal = str(error)
     config_yaml_after_refusal = (run_dir / "config.yaml").read_text()
-    longer = _config(run_dir, "train.steps=8", "checkpoint.keep_last=3", "train.eval_interval=2",
+    longer = _config(run_dir, "train.steps=8", zero, "checkpoint.keep_last=3", "train.eval_interval=2",
                      "parallel.timeout_s=300")
     resumed = train(longer)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

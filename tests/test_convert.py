@@ -202,7 +202,7 @@ def test_bad_input_is_one_line_naming_the_path_and_the_fix(runs, tmp_path, capsy
     shutil.copytree(tag, partial)
     (partial / "titans_checkpoint.json").unlink()
     cases["partial"] = (partial, ".partial-step000000004")
-    # a truncated shard (the manifest's size check) and a same-size damaged shard (unreadable)
+    # a truncated shard (the manifest's size check) and a same-size damaged shard (its digest)
     truncated = tmp_path / "truncated" / "step000000002"
     shutil.copytree(tag, truncated)
     shard = truncated / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -212,7 +212,7 @@ def test_bad_input_is_one_line_naming_the_path_and_the_fix(runs, tmp_path, capsy
     shutil.copytree(tag, scrambled)
     shard = scrambled / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(bytes(shard.stat().st_size))
-    cases["scrambled"] = (scrambled, "zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot be read")
+    cases["scrambled"] = (scrambled, "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its xxh3_128 digest")
     not_checkpoint = tmp_path / "empty"
     not_checkpoint.mkdir()
     cases["not a checkpoint"] = (not_checkpoint, "is not a training checkpoint")

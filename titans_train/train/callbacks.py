@@ -34,6 +34,7 @@ from titans_train.train.logging import ProgressMeter, progress_line
 if TYPE_CHECKING:
     from titans_train.train.trainer import Trainer
 
+
 @dataclass(frozen=True)
 class StepMetrics:
     step: int  # optimizer steps done, this one included
@@ -80,27 +81,19 @@ class DivergenceStop(Callback):
 class SignalStop(Callback):
     """Stop with a checkpoint on SIGTERM / SIGUSR1, agreed by every rank at the end of a step.
 
-    The signals are recorded by `stop_signals` from the start of the process; one received
-    before the first step stops the run there (`Trainer._stop_if_signalled`)."""
-
-    def setup(self, trainer):
-        stop_signals.catch()
+    The signals are recorded by `stop_signals` from the start of the process (the CLI, then the
+    `Trainer`, catch them); one received before the first step stops the run there
+    (`Trainer._stop_if_signalled`)."""
 
     def on_step_end(self, trainer, metrics):
         if trainer.stop is not None:
             return
         if all_reduce_max_flag(stop_signals.received() is not None):
             trainer.request_stop(StopRequest(EXIT_REQUEUE, save=True,
-                                             reason=f"stop requested ({signal_description()}); saving at step {metrics.step}"))
+                                             reason=f"stop requested ({stop_signals.description()}); saving at step {metrics.step}"))
 
     def close(self):
         stop_signals.release()
-
-
-def signal_description() -> str:
-    """Which stop signal this rank received, or that another rank did (after the agreement)."""
-    received = stop_signals.received()
-    return f"signal {received}" if received is not None else "a signal on another rank"
 
 
 class ProgressLog(Callback):

@@ -39,6 +39,11 @@ def received() -> int | None:
     return _received
 
 
+def description() -> str:
+    """Which stop signal this rank received, or that another rank did (once the ranks agreed to stop)."""
+    return f"signal {_received}" if _received is not None else "a signal on another rank"
+
+
 def release() -> None:
     """Give the signals back to the handlers that were there before `catch()`."""
     global _previous

@@ -34,7 +34,7 @@ from titans_train.config import batch_plan, model_config, to_container
 from titans_train.config.errors import InvalidValueError
 from titans_train.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (the contract, re-exported)
 from titans_train.train import stop_signals
-from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks, signal_description
+from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks
 from titans_train.train.checkpoint import PENDING_PREFIX, CheckpointInfo, CheckpointManager, assign_checkpoint_writers
 from titans_train.train.distributed import (
     all_reduce_max_flag,
@@ -330,9 +330,10 @@ class Trainer:
         """A stop signal before the first step (agreed by every rank): nothing was trained since the
         last checkpoint, so stop without saving; exit 75, and the requeued job resumes from it."""
         if self.stop is None and all_reduce_max_flag(stop_signals.received() is not None):
-            self.request_stop(StopRequest(EXIT_REQUEUE, save=False,
-                                          reason=f"stop requested ({signal_description()}) {moment}: "
-                                                 "nothing trained since the last checkpoint, nothing to save; exiting for a requeue"))
+            self.request_stop(StopRequest(
+                EXIT_REQUEUE, save=False,
+                reason=f"stop requested ({stop_signals.description()}) {moment}: nothing trained since the last "
+                       "checkpoint, nothing to save; exiting for a requeue"))
 
     def _run(self) -> TrainResult:
         from titans_train.parallel.zero import optimizer_step
