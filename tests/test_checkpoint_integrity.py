@@ -53,7 +53,7 @@ def _train_capturing_warnings(config, callbacks=()):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         result = train(config, callbacks=callbacks)
-    return result, stderr.getvalue().splitlines()
+    return result, [line for line in stderr.getvalue().splitlines() if line.startswith("WARNING: ")]  # the logger's
 
 
 def _latest(run_dir: Path) -> str | None:
@@ -307,3 +307,28 @@ def test_sigterm_in_the_first_second_is_a_requested_stop(tmp_path):
     stops = [line for line in lines if "stop requested" in line]
     assert len(stops) == 1 and "signal 15" in stops[0] and "nothing to save" in stops[0], lines
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_stop_signals_are_given_back_after_a_refused_start_and_forked_children_still_die():
+    """The recording handler must not outlive `titans-train train` in the calling process (here a
+    config error), and a forked worker of the trainer dies of SIGTERM as usual (`Pool.terminate`)."""
+    import multiprocessing
+
+    from titans_train.cli import main
+    from titans_train.train import stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["train", "debug", "train.no_such_key=1"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
+    stop_signals.catch()
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        child.terminate()
+        child.join(30)
+        assert child.exitcode == -signal.SIGTERM
+        assert stop_signals.received() is None
+    finally:
+        stop_signals.release()
+    assert signal.getsignal(signal.SIGTERM) is before

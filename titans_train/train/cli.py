@@ -22,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     stop_signals.catch()  # before the heavy imports: a SIGTERM from the first moment is a requested stop
+    try:
+        return _train(args)
+    finally:
+        stop_signals.release()  # a config error, too, gives the signals back (in-process callers)
+
+
+def _train(args: argparse.Namespace) -> int:
     from titans_train.config import load_recipe
     from titans_train.train.distributed import shutdown_distributed, world_size_from_environment
 

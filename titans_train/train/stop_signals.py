@@ -11,26 +11,35 @@ Signals are process-wide, hence one module-level state.
 
 from __future__ import annotations
 
+import os
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _received: int | None = None
 _previous: dict[int, object] = {}
+_owner_pid: int | None = None
 
 
 def _record(signal_number, frame) -> None:
     global _received
+    if os.getpid() != _owner_pid:
+        # A forked child (a data-loader or pool worker) inherits the handler but is not the
+        # trainer: it must die of the signal as usual, or `Pool.terminate()` waits for it forever.
+        signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
+        return
     if _received is None:
         _received = signal_number
 
 
 def catch() -> None:
     """Install the recording handlers (idempotent: a signal recorded so far is kept)."""
-    global _received, _previous
+    global _received, _previous, _owner_pid
     if _previous:
         return
     _received = None
+    _owner_pid = os.getpid()
     _previous = {sig: signal.signal(sig, _record) for sig in STOP_SIGNALS}
 
 

@@ -372,4 +372,7 @@ class Trainer:
 
 
 def train(config: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    return Trainer(config, callbacks).run()
+    try:
+        return Trainer(config, callbacks).run()
+    finally:
+        stop_signals.release()  # also when the trainer could not start (its run() releases them otherwise)
