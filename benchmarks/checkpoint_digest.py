@@ -83,11 +83,11 @@ def save_and_load_times(dim: int, repeats: int, root: Path) -> dict[str, float]:
                 for _ in range(repeats):
                     start = time.perf_counter()
                     trainer.save()
-                    trainer.confirm_checkpoint(metrics.loss)
+                    trainer.confirm_checkpoint(metrics.loss, weights_step=trainer.step)  # promote at once
                     saves.append(time.perf_counter() - start)
                     start = time.perf_counter()
                     info = trainer.checkpoints.newest_usable()
-                    trainer.checkpoints.load(trainer.engine, info, load_universal=False)
+                    trainer.checkpoints.load(trainer.engine, info)
                     loads.append(time.perf_counter() - start)
                     files = info.path
                 measured[f"save s ({mode})"] = statistics.median(saves)

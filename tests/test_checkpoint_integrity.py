@@ -309,6 +309,11 @@ def test_sigterm_in_the_first_second_is_a_requested_stop(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def _set_and_sleep(started) -> None:
+    started.set()
+    time.sleep(60)
+
+
 def test_stop_signals_are_given_back_after_a_refused_start_and_forked_children_still_die():
     """The recording handler must not outlive `titans-train train` in the calling process (here a
     config error), and a forked worker of the trainer dies of SIGTERM as usual (`Pool.terminate`)."""
@@ -323,8 +328,11 @@ def test_stop_signals_are_given_back_after_a_refused_start_and_forked_children_s
     assert signal.getsignal(signal.SIGTERM) is before
     stop_signals.catch()
     try:
-        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        context = multiprocessing.get_context("fork")
+        started = context.Event()
+        child = context.Process(target=_set_and_sleep, args=(started,))
         child.start()
+        assert started.wait(30)  # (a signal in the instant after fork() is dropped by Python itself)
         child.terminate()
         child.join(30)
         assert child.exitcode == -signal.SIGTERM

@@ -156,7 +156,7 @@ class Checkpointing(Callback):
         self.saved_at = trainer.step if trainer.result.resumed_from else None
 
     def on_step_end(self, trainer, metrics):
-        trainer.confirm_checkpoint(metrics.loss)  # this step's loss is that of the pending weights
+        trainer.confirm_checkpoint(metrics.loss, weights_step=metrics.step - 1)  # the weights this loss saw
         every = trainer.config.checkpoint.interval
         if trainer.stop is not None:
             if trainer.stop.save:
@@ -173,7 +173,8 @@ class Checkpointing(Callback):
         self.saved_at = trainer.step
         if no_step_follows:
             loss = trainer.result.validation.get(trainer.step)
-            trainer.confirm_checkpoint(trainer.log_validation("checkpoint") if loss is None else loss)
+            trainer.confirm_checkpoint(trainer.log_validation("checkpoint") if loss is None else loss,
+                                       weights_step=trainer.step)
 
 
 def _healthy(trainer) -> bool:

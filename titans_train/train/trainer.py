@@ -121,7 +121,7 @@ class Trainer:
         self.tokens_seen = 0
         self.stop: StopRequest | None = None
         self._task_evaluation = None
-        self.pending_checkpoint: Path | None = None  # saved, not yet confirmed by a finite loss
+        self.pending_checkpoint: tuple[Path, int] | None = None  # (dir, step): not yet confirmed by a finite loss
         self.result = TrainResult(exit_code=EXIT_OK, step=0, tokens_seen=0)
 
     # ---- setup --------------------------------------------------------------------------------
@@ -288,15 +288,16 @@ class Trainer:
                             "zero_partitions": self.zero_partitions, "zero_stage": self.config.parallel.zero_stage,
                             "config": self.resolved},
         )
-        self.pending_checkpoint = path
+        self.pending_checkpoint = (path, self.step)
         return path
 
-    def confirm_checkpoint(self, loss: float) -> None:
-        """`loss` was computed with the weights of the pending checkpoint, if there is one: promote
-        it to `latest` if the loss is finite, delete it otherwise (the weights diverged)."""
-        pending, self.pending_checkpoint = self.pending_checkpoint, None
-        if pending is None:
+    def confirm_checkpoint(self, loss: float, weights_step: int) -> None:
+        """`loss` was computed with the weights after optimizer step `weights_step` (a training
+        loss: those of the step before; a validation loss: those of its step). If they are the
+        pending checkpoint's, promote it to `latest` when the loss is finite, delete it otherwise."""
+        if self.pending_checkpoint is None or self.pending_checkpoint[1] != weights_step:
             return
+        (pending, _), self.pending_checkpoint = self.pending_checkpoint, None
         if math.isfinite(loss):
             path = self.checkpoints.confirm(pending)
             self.logger.info(f"checkpoint saved: {path}")
