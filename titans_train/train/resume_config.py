@@ -28,7 +28,7 @@ SAFE_TO_CHANGE = (
     "parallel.tp", "parallel.sp", "parallel.zero_stage", "parallel.tp_sequence_sharding", "parallel.sp_schedule",
     "parallel.activation_checkpointing", "parallel.backend", "parallel.timeout_s", "train.micro_batch_size",
     # How data is read, not which data.
-    "data.num_workers", "data.cache_dir",
+    "data.num_workers", "data.cache_dir", "data.verify",
     # Only used by a fresh start: a resumable checkpoint takes precedence.
     "train.init_from",
 )
