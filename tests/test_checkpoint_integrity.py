@@ -234,6 +234,11 @@ def test_config_differences_name_every_unsafe_key_and_only_those():
     assert config_differences(old, new) == ["model.dim: 32 -> 64", "model.extra: '(absent)' -> 1",
                                             "train.lr: 0.001 -> 0.002"]
     assert "logging.*" in SAFE_TO_CHANGE and "train.steps" in SAFE_TO_CHANGE
+    # A key the checkpoint's (older) version did not have counts only when not at its default.
+    defaults = {"train": {"optimizer_precision": "fp32"}}
+    assert config_differences(old, {**old, "train": {**old["train"], "optimizer_precision": "fp32"}}, defaults) == []
+    assert config_differences(old, {**old, "train": {**old["train"], "optimizer_precision": "bf16"}}, defaults) == [
+        "train.optimizer_precision: 'fp32' -> 'bf16'"]
 
 
 def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):

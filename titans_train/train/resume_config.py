@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from titans_train.config.loading import build_schema
 from titans_train.errors import UserError
 
 # Dotted keys, or prefixes ending in ".*", that a resumed run may change.
@@ -21,7 +24,7 @@ SAFE_TO_CHANGE = (
     # Its length: the lr schedule is recomputed for the new total at the resumed step.
     "train.steps", "train.tokens",
     # When to evaluate, log and save.
-    "train.eval_interval", "train.eval_batches", "checkpoint.interval", "checkpoint.keep_last",
+    "train.eval_interval", "train.eval_batches", "train.eval_tasks", "train.eval_lengths", "checkpoint.interval", "checkpoint.keep_last",
     "checkpoint.save_final", "checkpoint.auto_resume", "logging.*",
     # The layout: the same optimisation problem on other processes (resume across layouts is the
     # checkpoint loader's job: universal copies, or a clear refusal where it cannot).
@@ -53,12 +56,17 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return leaves
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """"key: old -> new" for every leaf that differs and is not safe to change, sorted by key."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """"key: old -> new" for every leaf that differs and is not safe to change, sorted by key.
+
+    A key on one side only (a setting a newer version added) is no difference when the other side
+    holds its default from `defaults`: the older run behaved as that default does."""
     old_leaves, new_leaves = _leaves(old), _leaves(new)
+    default_leaves = _leaves(defaults or {})
     differences = []
     for key in sorted(old_leaves.keys() | new_leaves.keys()):
-        before, after = old_leaves.get(key, ABSENT), new_leaves.get(key, ABSENT)
+        before = old_leaves.get(key, default_leaves.get(key, ABSENT))
+        after = new_leaves.get(key, default_leaves.get(key, ABSENT))
         if before != after and not is_safe_to_change(key):
             differences.append(f"{key}: {before!r} -> {after!r}")
     return differences
@@ -66,7 +74,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def check_resumable(checkpoint_config: dict[str, Any], config: dict[str, Any], checkpoint: str) -> None:
     """Raise `ConfigChangedOnResume` if `config` differs from the checkpoint's run beyond `SAFE_TO_CHANGE`."""
-    differences = config_differences(checkpoint_config, config)
+    defaults = OmegaConf.to_container(build_schema(), resolve=False, throw_on_missing=False)
+    differences = config_differences(checkpoint_config, config, defaults)
     if differences:
         raise ConfigChangedOnResume(
             f"the config differs from that of the run that wrote {checkpoint} ({'; '.join(differences)}); "
