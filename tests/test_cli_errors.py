@@ -163,3 +163,17 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, full_file_system, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # beside progress bars
     assert "Traceback" not in err and len(errors) == 1, err
     assert errors[0].startswith("error: no space left on device"), errors
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_exit_2(tmp_path, full_file_system):
+    # In its own process: the failure comes after the process group exists.
+    done = subprocess.run([sys.executable, "-m", "titans_train", "train", "debug", "train.steps=2",
+                           "train.warmup_steps=1", f"run_dir={tmp_path / 'run'}",
+                           f"checkpoint.dir={full_file_system / 'checkpoints'}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+    assert "no space left on device for checkpoint step000000002" in errors[0], errors
+    assert str(full_file_system / "checkpoints") in errors[0] and "checkpoint.dir" in errors[0], errors
+    assert not any(full_file_system.rglob("*.pt"))  # the failed save's files are gone

@@ -33,6 +33,7 @@ Who writes what (`assign_checkpoint_writers` decides DeepSpeed's part):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -115,6 +116,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class NoUsableCheckpoint(UserError):
     pass
+
+
+class CheckpointWriteError(UserError):
+    """A save the file system had no room for (the previous checkpoint is untouched)."""
+
+
+# Below this many free bytes a failed write is taken for a full file system: torch's zip writer
+# reports ENOSPC as a RuntimeError without an errno ("unexpected pos", "file write failed").
+OUT_OF_SPACE_BYTES = 16 * 2**20
+
+
+def _out_of_space(error: BaseException, directory: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < OUT_OF_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def _digests(directory: Path, names: list[str], rank: int, world_size: int) -> dict[str, str]:
@@ -210,8 +229,18 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)  # the leftover of a save cut short
         barrier()
-        engine.save_checkpoint(str(self.directory), tag=partial_tag, client_state=client_state, save_latest=False)
-        torch.save({"rng": rng_state()}, partial / f"rank{self.rank:05d}_state.pt")
+        try:
+            engine.save_checkpoint(str(self.directory), tag=partial_tag, client_state=client_state, save_latest=False)
+            torch.save({"rng": rng_state()}, partial / f"rank{self.rank:05d}_state.pt")
+        except (OSError, RuntimeError) as error:
+            if not _out_of_space(error, self.directory):
+                raise
+            free = shutil.disk_usage(self.directory).free
+            shutil.rmtree(partial, ignore_errors=True)  # give back what this save took
+            raise CheckpointWriteError(
+                f"no space left on device for checkpoint {tag} in {self.directory} ({free / 2**20:.1f} MiB free); "
+                "the previous checkpoint is intact and stays latest. Free space or point checkpoint.dir at a "
+                "larger file system, then run the same command again: it resumes from that checkpoint") from error
         barrier()
         names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
         digests = _digests(partial, names, self.rank, self.world_size)
