@@ -44,17 +44,22 @@ class TrainingEvaluation:
         if trainer.config.parallel.zero_stage < 3:
             return live
         import deepspeed
+        import torch
 
         from titans_train.model import TitansLM
+        from titans_train.model.init import given_tensor
+        from titans_train.parallel.construction import materialise
         from titans_train.parallel.parallelize import parallelize
 
-        copy = TitansLM(trainer.titans_config)
-        parallelize(copy, trainer.config.parallel, trainer.context)
+        # Built on meta and filled from the gathered weights: no initial values drawn to be overwritten.
+        with torch.device("meta"):
+            copy = TitansLM(trainer.titans_config)
+            parallelize(copy, trainer.config.parallel, trainer.context)
         partitioned = dict(live.named_parameters())
+        device = next(iter(partitioned.values())).device
         with deepspeed.zero.GatheredParameters(list(partitioned.values())):
-            for name, parameter in copy.named_parameters():
-                parameter.data.copy_(partitioned[name].data)
-        return copy.to(next(iter(partitioned.values())).device)
+            materialise(copy, {name: given_tensor(parameter.data) for name, parameter in partitioned.items()}, device)
+        return copy
 
     def run(self) -> dict:
         """Results by task, the same on every rank."""
