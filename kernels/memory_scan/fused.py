@@ -164,7 +164,9 @@ def _backward_chunk(
     """Gradients of one chunk's inputs from those of its outputs (y and the next states).
 
     Writes the gradients of q, k, v into `grad_qkv` and accumulates those of the gates into the
-    zero-filled `grad_gates` (views of the whole-sequence buffers); returns those of the states.
+    zero-filled `grad_gates` (views of the whole-sequence buffers). The gradients of the states are
+    computed in place in the buffers of `grad_next`, so one pair of buffers serves every chunk and
+    stays in cache; they are returned.
     """
     states = saved.states
     depth = len(states)
@@ -177,9 +179,6 @@ def _backward_chunk(
     # The state update: next = [A_n W + E_n S, P_n S] - delta^T [C_n theta a, D_eta,n theta a].
     for layer, (state, grad) in enumerate(zip(states, grad_next)):
         _, d_out, _, d_in = state.shape
-        grad_state = grad * keep
-        grad_state[:, :, 1].addcmul_(grad[:, :, 0], carry_momentum)
-        grad_states.append(grad_state)
         # <grad_a, state_b> for a, b in {W, S}: (2 x d_in) @ (d_in x 2) per output row, summed.
         grad_state_decays += (grad.view(-1, 2, d_in) @ state.view(-1, 2, d_in).mT).view(groups, d_out, 2, 2).sum(1)
         grad_flat = grad.view(groups, d_out, 2 * d_in)
@@ -196,6 +195,10 @@ def _backward_chunk(
             grad_mixed = _minus_bmm(saved.errors[layer], grad_flat).view(groups, n, 2, d_in)
             grad_inputs.append(_pair_combination(grad_mixed, gates.state_rows, -2))
             grad_state_rows += (grad_mixed * layer_input.unsqueeze(-2)).sum(-1)
+        # grad W^c = A_n grad W', grad S^c = P_n grad S' + E_n grad W', after every read of grad.
+        grad[:, :, 1].mul_(keep[:, :, 1]).addcmul_(grad[:, :, 0], carry_momentum)
+        grad[:, :, 0].mul_(keep[:, :, 0])
+        grad_states.append(grad)
 
     grad_retrieval_decays = grad_gates.retrieval_decays
     grad_update_scores = grad_gates.update_scores
@@ -311,7 +314,8 @@ class FusedChunkedScan(torch.autograd.Function):
         grad_q, grad_k, grad_v = (torch.empty_like(grad_y) for _ in range(3))
         grad_gates = ChunkGates(*(torch.zeros_like(x) for x in gates))
         seq_len = grad_y.shape[1]
-        grad_states = list(grad_states)
+        # Own, writable buffers: the backward computes the state gradients in place.
+        grad_states = [grad.clone(memory_format=torch.contiguous_format) for grad in grad_states]
         for index in range(len(saved_chunks) - 1, -1, -1):
             start = index * chunk_size
             tokens = slice(start, min(start + chunk_size, seq_len))
