@@ -105,25 +105,39 @@ def layouts_rank(root: str, stages: list[int]) -> dict:
     return out
 
 
-def resume_rank(root: str, stage: int, overrides: tuple[str, ...] = ()) -> dict:
-    """Uninterrupted run vs a run stopped by SIGUSR1 at STOP_AT and resumed (same world size)."""
-    root = Path(root)
-    common = (f"parallel.zero_stage={stage}", f"train.steps={RESUME_STEPS}", "checkpoint.interval=0", *overrides)
-    _, full = _losses(root / "full", *common)
-    stopped_code, first = _losses(root / "stopped", *common, callbacks=[_stop_with_signal_at(STOP_AT, signal.SIGUSR1)])
+# Resume drills: (ZeRO stage, overrides, also resumed on one rank). sp = 2 x ZeRO-1 shards over
+# dp x sp = 2 ranks; one rank (sp = 1) holds a single partition, so that resume re-cuts the shards
+# through the universal format, as a dp change does. ZeRO-3 with sp shards over dp only: both span
+# owners hold the same shard and one writes it.
+RESUME_DRILLS = {"zero1": (1, (), True), "zero2": (2, (), True), "zero3": (3, (), True),
+                 "zero1-sp2": (1, ("parallel.sp=2",), True), "zero3-sp2": (3, ("parallel.sp=2",), False)}
+
+
+def resume_rank(root: str) -> dict:
+    """Per drill: an uninterrupted run vs a run stopped by SIGUSR1 at STOP_AT and resumed (same
+    world size). All drills share one launch (launches cost seconds)."""
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:  # keep the step-STOP_AT checkpoint for the other-world-size resume
-        shutil.copytree(root / "stopped", root / "snapshot")
-    dist.barrier()
-    resumed_code, rest = _losses(root / "stopped", *common)
-    return {"full": full, "first": first, "rest": rest, "codes": (stopped_code, resumed_code)}
+    results = {}
+    for name, (stage, overrides, _) in RESUME_DRILLS.items():
+        full_dir, stopped_dir = Path(root) / f"{name}-full", Path(root) / f"{name}-stopped"  # one corpus cache in root
+        common = (f"parallel.zero_stage={stage}", f"train.steps={RESUME_STEPS}", "checkpoint.interval=0", *overrides)
+        _, full = _losses(full_dir, *common)
+        stopped_code, first = _losses(stopped_dir, *common,
+                                      callbacks=[_stop_with_signal_at(STOP_AT, signal.SIGUSR1)])
+        if dist.get_rank() == 0:  # keep the step-STOP_AT checkpoint for the other-world-size resume
+            shutil.copytree(stopped_dir, Path(root) / f"{name}-snapshot")
+        dist.barrier()
+        resumed_code, rest = _losses(stopped_dir, *common)
+        results[name] = {"full": full, "first": first, "rest": rest, "codes": (stopped_code, resumed_code)}
+    return results
 
 
-def other_world_rank(root: str, stage: int, overrides: tuple[str, ...] = ()) -> list[float]:
-    _, rest = _losses(Path(root) / "snapshot", f"parallel.zero_stage={stage}", f"train.steps={RESUME_STEPS}",
-                      "checkpoint.interval=0", *overrides)
-    return rest
+def other_world_rank(root: str) -> dict[str, list[float]]:
+    """The drills' step-STOP_AT snapshots resumed on this (other) world size: name -> losses."""
+    return {name: _losses(Path(root) / f"{name}-snapshot", f"parallel.zero_stage={stage}",
+                          f"train.steps={RESUME_STEPS}", "checkpoint.interval=0")[1]
+            for name, (stage, _, on_one) in RESUME_DRILLS.items() if on_one}
 
 
 def _assert_close(actual: list[float], expected: list[float], label: str) -> None:
@@ -163,32 +177,17 @@ def test_zero_stages_and_tp_sp_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_
 
 
 @pytest.mark.slow
-# sp = 2 x ZeRO-1 shards over dp x sp = 2 ranks; one rank (sp = 1) holds a single partition, so
-# that resume re-cuts the shards through the universal format, as a dp change does.
-@pytest.mark.parametrize("stage, overrides", [(1, ()), (2, ()), (3, ()), (1, ("parallel.sp=2",))],
-                         ids=["zero1", "zero2", "zero3", "zero1-sp2"])
-def test_resume_after_signal_is_exact_and_continues_on_another_world_size(tmp_path, stage, overrides):
+def test_resume_after_signal_is_exact_and_continues_on_another_world_size(tmp_path):
     from titans_train.train.trainer import EXIT_OK, EXIT_REQUEUE
 
-    two = run_distributed("test_train_distributed:resume_rank", 2, 300, init_process_group=False,
-                          root=str(tmp_path), stage=stage, overrides=overrides)
-    result = two[0]
-    assert result["codes"] == (EXIT_REQUEUE, EXIT_OK)
-    assert len(result["first"]) == STOP_AT and len(result["rest"]) == RESUME_STEPS - STOP_AT
-    assert result["first"] + result["rest"] == result["full"]  # bit-identical, same world size
-    (rest_on_one,) = run_distributed("test_train_distributed:other_world_rank", 1, 240, init_process_group=False,
-                                     root=str(tmp_path), stage=stage)
-    _assert_close(rest_on_one, result["full"][STOP_AT:], "resumed on 1 rank after 2")
-
-
-@pytest.mark.slow
-def test_resume_after_signal_is_exact_under_sequence_parallel_zero3(tmp_path):
-    # ZeRO-3 with sp shards over dp only: both span owners hold the same shard, one writes it
-    from titans_train.train.trainer import EXIT_OK, EXIT_REQUEUE
-
-    two = run_distributed("test_train_distributed:resume_rank", 2, 300, init_process_group=False,
-                          root=str(tmp_path), stage=3, overrides=("parallel.sp=2",))
-    result = two[0]
-    assert result["codes"] == (EXIT_REQUEUE, EXIT_OK)
-    assert result["first"] + result["rest"] == result["full"]  # bit-identical
-    assert two[1] == result
+    two = run_distributed("test_train_distributed:resume_rank", 2, 900, init_process_group=False, root=str(tmp_path))
+    assert two[0] == two[1]  # every rank logs the global loss
+    for name, result in two[0].items():
+        assert result["codes"] == (EXIT_REQUEUE, EXIT_OK), name
+        assert len(result["first"]) == STOP_AT and len(result["rest"]) == RESUME_STEPS - STOP_AT, name
+        assert result["first"] + result["rest"] == result["full"], name  # bit-identical, same world size
+    (on_one,) = run_distributed("test_train_distributed:other_world_rank", 1, 600, init_process_group=False,
+                                root=str(tmp_path))
+    assert set(on_one) == {name for name, (_, _, resumed_on_one) in RESUME_DRILLS.items() if resumed_on_one}
+    for name, rest in on_one.items():
+        _assert_close(rest, two[0][name]["full"][STOP_AT:], f"{name}: resumed on 1 rank after 2")
