@@ -172,15 +172,15 @@ def build_engine(model, plan, stage, accumulation=1, reduce_bucket_size=None):
 
 
 def check_zero_layouts(layouts, steps=3, variants=VARIANTS, reduce_bucket_size=None):
-    """(tp, sp, ZeRO stage, gradient accumulation): the loss of every optimizer step, the
+    """(tp, sp, ZeRO stage, gradient accumulation[, variants instead of `variants`]): the loss of every optimizer step, the
     gradients of the first (later ones are taken at parameters that already differ by round-off
     amplified through Adam) and the parameters after the last."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     records = []
-    for tp, sp, stage, accumulation in layouts:
+    for tp, sp, stage, accumulation, *layout_variants in layouts:
         context = ParallelContext.initialize(tp=tp, sp=sp)
-        for variant in variants:
+        for variant in (layout_variants[0] if layout_variants else variants):
             torch.manual_seed(0)
             model = TitansLM(tiny_config(variant))
             reference = copy.deepcopy(model)
@@ -296,33 +296,32 @@ def test_sp4_and_tp2_sp2_match_one_process_for_every_variant():
     assert_records(records)
 
 
-@pytest.mark.slow
-def test_zero1_sp2_dp2_and_zero3_tp2_dp2_match_one_process_over_three_steps():
-    # ZeRO-1 with 2 accumulated micro-batches per optimizer step
-    records = run_distributed(check_zero_layouts, world_size=4, timeout_s=240,
-                              layouts=[(1, 2, 1, 2), (2, 1, 3, 1)])[0]
-    assert len(records) == 2 * len(VARIANTS)
-    assert_records(records)
+def check_four_rank_zero_drills(directory):
+    """Every four-rank ZeRO drill in one launch (launches cost seconds): the layouts' records and
+    the two resumes' (continued, resumed) losses."""
+    records = check_zero_layouts([
+        (1, 2, 1, 2),  # ZeRO-1 with 2 accumulated micro-batches per optimizer step
+        (2, 1, 3, 1),
+        (2, 2, 2, 1, ("mac", "mal")),  # tp x sp x ZeRO-2 together, the variants with the most cross-head traffic
+        (1, 2, 3, 2),  # ZeRO-3 shards over dp only when sp > 1 (parallel/zero.py)
+        (2, 2, 3, 1, ("mac", "mal")),
+    ])
+    # The sp replicas of a ZeRO-3 shard would write the same files: only sp rank 0 writes them.
+    resumes = {f"tp={tp} sp={sp} zero={stage}": check_resume(tp, sp, stage, f"{directory}/tp{tp}-sp{sp}-zero{stage}")
+               for tp, sp, stage in ((1, 2, 3), (2, 2, 1))}
+    return records, resumes
 
 
 @pytest.mark.slow
-def test_zero2_tp2_sp2_matches_one_process_over_three_steps():
-    # tp x sp x ZeRO-2 together, on the two variants with the most cross-head traffic
-    records = run_distributed(check_zero_layouts, world_size=4, timeout_s=150,
-                              layouts=[(2, 2, 2, 1)], variants=("mac", "mal"))[0]
-    assert len(records) == 2
+def test_zero_layouts_and_resumes_on_four_ranks_match_one_process(tmp_path):
+    results = run_distributed(check_four_rank_zero_drills, world_size=4, timeout_s=900,
+                              directory=str(tmp_path / "checkpoint"))
+    records, resumes = results[0]
+    assert len(records) == 3 * len(VARIANTS) + 2 * 2
     assert_records(records)
-
-
-@pytest.mark.slow
-def test_zero3_with_sequence_parallelism_matches_one_process_over_three_steps():
-    # ZeRO-3 shards over dp only when sp > 1 (parallel/zero.py); with 2 accumulated micro-batches
-    records = run_distributed(check_zero_layouts, world_size=4, timeout_s=300,
-                              layouts=[(1, 2, 3, 2)])[0]
-    records += run_distributed(check_zero_layouts, world_size=4, timeout_s=150,
-                               layouts=[(2, 2, 3, 1)], variants=("mac", "mal"))[0]
-    assert len(records) == len(VARIANTS) + 2
-    assert_records(records)
+    for layout, (continued, resumed) in resumes.items():
+        assert resumed == continued, layout  # bit-identical, not approximately
+    assert all(result[1] == resumes for result in results)  # every rank logs the same global loss
 
 
 @pytest.mark.slow
@@ -334,22 +333,3 @@ def test_zero_reductions_wait_for_the_sequence_wavefront():
                               reduce_bucket_size=500)[0]
     assert len(records) == 3 * 2
     assert_records(records)
-
-
-@pytest.mark.slow
-def test_checkpoint_resumes_with_identical_losses_under_sp2_dp2_zero3(tmp_path):
-    # The sp replicas of a ZeRO-3 shard would write the same files: only sp rank 0 writes them.
-    results = run_distributed(check_resume, world_size=4, timeout_s=150, tp=1, sp=2, stage=3,
-                              directory=str(tmp_path / "checkpoint"))
-    continued, resumed = results[0]
-    assert resumed == continued
-    assert all(result == results[0] for result in results)
-
-
-@pytest.mark.slow
-def test_checkpoint_resumes_with_identical_losses_under_tp2_sp2_zero1(tmp_path):
-    results = run_distributed(check_resume, world_size=4, timeout_s=150, tp=2, sp=2, stage=1,
-                              directory=str(tmp_path / "checkpoint"))
-    continued, resumed = results[0]
-    assert resumed == continued  # bit-identical, not approximately
-    assert all(result == results[0] for result in results)  # every rank logs the same global loss
