@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from distributed import run_distributed  # noqa: E402
-from test_parallel_construction import _peak_rss_bytes, build_recipe_zero3  # noqa: E402
+from recipe_zero3 import build_recipe_zero3, peak_rss_bytes  # noqa: E402
 
 SHRUNK = ["train.seq_len=64", "train.micro_batch_size=1", "train.global_batch_tokens=256"]
 GIB = 2**30
@@ -43,11 +43,11 @@ def whole_build(recipe: str, overrides: list[str]) -> dict:
     from titans_train.model import TitansLM
 
     config = load_recipe(recipe, overrides, world_size=None)
-    before = _peak_rss_bytes()
+    before = peak_rss_bytes()
     began = time.perf_counter()
     model = TitansLM(model_config(config), init_seed=config.train.seed)
     seconds = time.perf_counter() - began
-    return dict(parameters=sum(p.numel() for p in model.parameters()), before=before, peak=_peak_rss_bytes(),
+    return dict(parameters=sum(p.numel() for p in model.parameters()), before=before, peak=peak_rss_bytes(),
                 seconds=seconds)
 
 

@@ -108,6 +108,15 @@ def materialise_partitioned(model: torch.nn.Module, context: ParallelContext, co
     # No `dtype`: with one, DeepSpeed 0.19's _set_dtype ignores the config (CPU-NOTES).
     group = mpu.get_data_parallel_group() if mpu is not None else None  # None: the world, as the engine's
     init = PartitionWithoutBroadcast(data_parallel_group=group, config_dict_or_path=config, mpu=mpu)
+    if init.mem_efficient_linear:
+        # What zero.Init does around a model built inside it (and the engine when it partitions a
+        # whole model), which this path skips: F.linear becomes DeepSpeed's linear that saves the
+        # weight parameter for backward, not the `weight.t()` view torch's saves. A saved view
+        # keeps the gathered weight alive after ZeRO-3 releases the parameter, so the whole
+        # model would stay gathered from its forward to its backward on every rank. Process-wide,
+        # as DeepSpeed does it; the same arithmetic as F.linear (memory_efficient_linear: false
+        # in the ZeRO config turns it off).
+        init._enable_mem_efficient_linear()
     for path, parameter in dict(model.named_parameters()).items():
         local = materialised_like(parameter, dtype, init.local_device)
         replace_parameters(model, {id(parameter): local})

@@ -11,13 +11,12 @@ peaks at a fraction of a whole build on every rank.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
+from recipe_zero3 import build_recipe_zero3
 from titans_train.model import VARIANTS, TitansConfig, TitansLM
 from titans_train.model.init import BLOCK, SeededTensor, Shard, initial_distributions, local_values
 
@@ -207,75 +206,6 @@ def test_zero3_and_tp_layouts_start_from_the_single_process_weights_and_step0_lo
 
 
 # ---- a >= 1B recipe under ZeRO-3 on 4 processes ----------------------------------------------
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def build_recipe_zero3(recipe: str, overrides: list[str], steps: int = 0) -> dict:
-    """Build `recipe` on this rank as the trainer does under ZeRO-3 (in its precision), then
-    take `steps` optimizer steps on random tokens (`benchmarks/construction.py`; the test takes
-    none). Peak resident memory before and after the build, and after the steps."""
-    import time
-
-    from titans_train.config import batch_plan, load_recipe, model_config
-    from titans_train.model import no_weight_decay
-    from titans_train.parallel import ParallelContext
-    from titans_train.parallel.construction import build_parallel_model
-    from titans_train.parallel.parallelize import ParallelObjective
-    from titans_train.parallel.zero import optimizer_step
-    from titans_train.train.distributed import init_distributed
-    from titans_train.train.engine import build_engine, deepspeed_config
-
-    world = int(os.environ["WORLD_SIZE"])
-    config = load_recipe(recipe, [*overrides, "parallel.zero_stage=3"], world_size=world)
-    batch = batch_plan(config, world)
-    init_distributed("gloo")
-    context = ParallelContext.initialize(tp=config.parallel.tp, sp=config.parallel.sp)
-    before = _peak_rss_bytes()
-    began = time.perf_counter()
-    model, plan = build_parallel_model(model_config(config), config.parallel, context, seed=config.train.seed,
-                                       zero3_config=deepspeed_config(config, batch, context),
-                                       precision=config.train.precision)
-    seconds = time.perf_counter() - began
-    parameters = list(model.parameters())
-    partition = parameters[0].ds_tensor  # the embedding: its first elements, drawn by the rule
-    start = partition.ds_numel * torch.distributed.get_rank()
-    distribution = initial_distributions_for(config)["embedding.weight"]
-    expected = SeededTensor(distribution, config.train.seed, "embedding.weight", parameters[0].ds_numel).span(start, start + 8)
-    result = dict(parameters=sum(p.ds_numel for p in parameters),
-                  local_elements=sum(p.ds_tensor.numel() for p in parameters),
-                  dtype=str(partition.dtype), before=before, peak=_peak_rss_bytes(), seconds=seconds,
-                  first_elements_match=torch.equal(partition[:8], expected.to(partition.dtype)))
-    if steps:
-        engine, _, _ = build_engine(ParallelObjective(model, plan), config, batch, context,
-                                    no_weight_decay=lambda name, p: no_weight_decay(name.removeprefix("model."), p))
-        generator = torch.Generator().manual_seed(context.data_rank)
-        shape = (config.train.micro_batch_size, config.train.seq_len + 1)
-        step_seconds, losses = [], []
-        for _ in range(steps):
-            began = time.perf_counter()
-            micro_batches = [torch.randint(0, config.model.vocab_size, shape, generator=generator)
-                             for _ in range(batch.gradient_accumulation_steps)]
-            losses.append(optimizer_step(engine, plan, micro_batches).loss)
-            step_seconds.append(time.perf_counter() - began)
-        result.update(step_seconds=step_seconds, losses=losses, peak_after_steps=_peak_rss_bytes())
-        engine.destroy()
-    ParallelContext.destroy()
-    return result
-
-
-def initial_distributions_for(config) -> dict:
-    from titans_train.config import model_config
-
-    with torch.device("meta"):
-        return initial_distributions(TitansLM(model_config(config)))
 
 
 @pytest.mark.slow

@@ -176,3 +176,43 @@ def test_bf16_optimizer_state_is_bf16_and_holds_the_planned_bytes(tmp_path):
         # to that padding (a few elements).
         total = rank0[name] + rank1[name]
         assert abs(total / 2 - rank0["planned"][name]) <= 64, (name, rank0, rank1)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_buffers_are_sized_by_one_rule_for_the_engine_and_the_planner(stage):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from titans_train.config import batch_plan, load_recipe, model_config
+    from titans_train.parallel import ParallelContext
+    from titans_train.parallel.zero_buckets import MIN_BUCKET_ELEMENTS
+    from titans_train.plan.planner import layout_of, run_shape
+    from titans_train.train.engine import deepspeed_config
+
+    hardware = Hardware(DEVICES["h100-80gb"], 1, 8)
+    for recipe, override, bucket in (("mac-1.3b", 0, MIN_BUCKET_ELEMENTS),  # dim 2048: the floor
+                                     ("mac-7b", 0, 4096**2),  # dim 4096: dim^2
+                                     ("mac-1.3b", 500_000_000, 500_000_000)):  # DeepSpeed's default, asked for
+        config = load_recipe(recipe, [f"parallel.zero_stage={stage}", "parallel.tp=1", "parallel.sp=1",
+                                      f"parallel.zero_bucket_elements={override}"], world_size=8)
+        layer = model_facts(model_config(config), 1).layer_parameters_per_tp_rank
+        zero = deepspeed_config(config, batch_plan(config, 1), ParallelContext.initialize())["zero_optimization"]
+        parsed = DeepSpeedZeroConfig(**zero)  # DeepSpeed's own parser: every key is one it reads
+        assert parsed.reduce_bucket_size == bucket, (recipe, zero)
+        plan = evaluate(run_shape(config), hardware, layout_of(config))
+        if stage < 3:
+            assert parsed.allgather_bucket_size == bucket
+        if stage == 2:
+            assert plan.term("gradient reduction bucket") == 2 * bucket  # bf16 gradients
+        if stage == 3:
+            assert (parsed.prefetch_bucket_size, parsed.sub_group_size) == (int(0.9 * bucket), bucket)
+            assert parsed.max_reuse_distance == layer  # only the last layer stays gathered into backward
+            assert parsed.max_live_parameters == max(2 * layer, 2 * bucket)
+            assert parsed.param_persistence_threshold == 0
+            assert plan.term("ZeRO-3 gathered parameters") == 2 * (layer + int(0.9 * bucket))
+
+
+def test_a_negative_zero_bucket_is_refused_with_the_key():
+    from titans_train.config import InvalidValueError, load_recipe
+
+    with pytest.raises(InvalidValueError, match="parallel.zero_bucket_elements.*>= 1"):
+        load_recipe("mac-1.3b", ["parallel.zero_bucket_elements=-1"], world_size=8)

@@ -87,6 +87,9 @@ class ParallelConfig:
     sp_schedule: str = "relay"
     # "auto": nccl when CUDA is available, gloo otherwise.
     backend: str = "auto"
+    # ZeRO's gradient reduction / all-gather bucket in elements (ZeRO-3 prefetches 0.9 x it).
+    # 0: from the model, max(dim^2, 2^24) (titans_train/parallel/zero_buckets.py, docs/scaling.md).
+    zero_bucket_elements: int = 0
     # How long a collective may wait for the other ranks before the job fails (a hung or frozen
     # rank): minutes, not torch's 30-minute default. Raise it for very long checkpoint writes.
     timeout_s: int = 600

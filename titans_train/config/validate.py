@@ -98,6 +98,9 @@ def validate_parallel(config: DictConfig) -> None:
     if parallel.zero_stage not in (0, 1, 2, 3):
         raise InvalidValueError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {parallel.zero_stage}")
     check_choice("parallel.backend", parallel.backend, BACKENDS)
+    if parallel.zero_bucket_elements < 0:
+        raise InvalidValueError("parallel.zero_bucket_elements", "must be 0 (sized from the model) or a number of "
+                                f"elements >= 1, got {parallel.zero_bucket_elements}")
     try:
         validate_parallel_layout(
             model_config(config), tp=parallel.tp, sp=parallel.sp, world_size=None,

@@ -21,15 +21,12 @@ import torch
 from titans_train.model import TitansConfig, TitansLM
 from titans_train.model.flops import flops_per_token
 from titans_train.parallel.zero import zero_partitions_over_sp
+from titans_train.parallel.zero_buckets import zero_buckets
 
 from .activations import TracedActivations, trace_activations
 from .devices import GIB, RESERVE_FIXED_BYTES, Device, usable_bytes
 from .model_facts import ModelFacts, model_facts
 
-# DeepSpeed's defaults (deepspeed.runtime.zero.config.DeepSpeedZeroConfig), which the trainer
-# keeps (train/engine.py sets only stage3_param_persistence_threshold=0).
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-STAGE3_PREFETCH_ELEMENTS = 50_000_000
 DEFAULT_MFU = 0.4
 SECONDS_PER_DAY = 86400.0
 
@@ -65,6 +62,7 @@ class RunShape:
     tokens: int  # the run's token budget
     precision: str  # fp32 | bf16
     optimizer_precision: str = "fp32"  # of master weights and Adam moments: fp32 | bf16
+    zero_bucket_elements: int = 0  # parallel.zero_bucket_elements (0: the rule of parallel/zero_buckets.py)
 
 
 @dataclass
@@ -253,14 +251,15 @@ def evaluate(run: RunShape, hardware: Hardware, layout: Layout, mfu: float = DEF
         Term("optimizer state", p * moment_bytes / optimizer_divisor,
              f"P x {moment_bytes} B (Adam m, v {'bf16' if bf16_optimizer else 'fp32'})" + (" / N" if zero >= 1 else "")),
     ]
+    buckets = zero_buckets(model.dim, facts.layer_parameters_per_tp_rank, run.zero_bucket_elements)
     if zero >= 2 and sp == 1:
-        bucket = min(REDUCE_BUCKET_ELEMENTS, p)
+        bucket = min(buckets.reduce_bucket, p)
         memory.append(Term("gradient reduction bucket", bucket * weight_bytes,
-                           f"min(reduce_bucket_size {REDUCE_BUCKET_ELEMENTS:.0e}, P) x {weight_bytes} B"))
+                           f"min(reduce bucket {buckets.reduce_bucket:.3g}, P) x {weight_bytes} B"))
     if zero == 3:
-        gathered = facts.layer_parameters_per_tp_rank + min(STAGE3_PREFETCH_ELEMENTS, p)
+        gathered = facts.layer_parameters_per_tp_rank + min(buckets.prefetch_bucket, p)
         memory.append(Term("ZeRO-3 gathered parameters", gathered * weight_bytes,
-                           f"(one layer's P + min(prefetch bucket {STAGE3_PREFETCH_ELEMENTS:.0e}, P)) x {weight_bytes} B"))
+                           f"(one layer's P + min(prefetch bucket {buckets.prefetch_bucket:.3g}, P)) x {weight_bytes} B"))
 
     traced = _traced(_key(model), layout.micro_batch, span, sp, run.precision)
     layer = traced.layer.per_rank(tp, layout.tp_sequence_sharding)
@@ -369,7 +368,8 @@ def run_shape(config) -> RunShape:
     tokens = train.tokens or train.steps * train.global_batch_tokens
     return RunShape(model=model_config(config), seq_len=train.seq_len,
                     global_batch_tokens=train.global_batch_tokens, tokens=tokens, precision=train.precision,
-                    optimizer_precision=train.optimizer_precision)
+                    optimizer_precision=train.optimizer_precision,
+                    zero_bucket_elements=config.parallel.zero_bucket_elements)
 
 
 def layout_of(config) -> Layout:

@@ -32,16 +32,29 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
     return groups
 
 
+def zero_buckets_of(config: DictConfig):
+    """ZeRO's buffer sizes for this run's model and tp degree (`parallel.zero_buckets`, the rule
+    the planner uses too)."""
+    from titans_train.config import model_config
+    from titans_train.parallel.zero_buckets import zero_buckets
+    from titans_train.plan.model_facts import model_facts
+
+    model = model_config(config)
+    layer = model_facts(model, config.parallel.tp).layer_parameters_per_tp_rank
+    return zero_buckets(model.dim, layer, config.parallel.zero_bucket_elements)
+
+
 def deepspeed_config(config: DictConfig, plan: BatchPlan, context, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed's config. Its batch keys come from `parallel.zero.deepspeed_batch_settings`:
     its data-parallel world counts the sp ranks of a replica, which share their samples."""
     from titans_train.parallel.zero import deepspeed_batch_settings
 
     train = config.train
-    zero: dict[str, Any] = {"stage": config.parallel.zero_stage}
-    if config.parallel.zero_stage == 3:
-        # Gather every parameter for each forward: exact and simple; the defaults prefetch
-        # by size thresholds that only matter on large models.
+    stage = config.parallel.zero_stage
+    zero: dict[str, Any] = {"stage": stage, **zero_buckets_of(config).deepspeed(stage)}
+    if stage == 3:
+        # Partition every parameter, however small: exact and simple (DeepSpeed's default keeps
+        # those under 1e5 elements whole on every rank).
         zero.update(stage3_param_persistence_threshold=0)
     ds: dict[str, Any] = {
         **deepspeed_batch_settings(context, config.parallel.zero_stage, train.micro_batch_size,

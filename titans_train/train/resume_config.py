@@ -29,7 +29,8 @@ SAFE_TO_CHANGE = (
     # The layout: the same optimisation problem on other processes (resume across layouts is the
     # checkpoint loader's job: universal copies, or a clear refusal where it cannot).
     "parallel.tp", "parallel.sp", "parallel.zero_stage", "parallel.tp_sequence_sharding", "parallel.sp_schedule",
-    "parallel.activation_checkpointing", "parallel.backend", "parallel.timeout_s", "train.micro_batch_size",
+    "parallel.activation_checkpointing", "parallel.backend", "parallel.timeout_s", "parallel.zero_bucket_elements",
+    "train.micro_batch_size",
     # How data is read, not which data.
     "data.num_workers", "data.cache_dir", "data.verify",
     # Only used by a fresh start: a resumable checkpoint takes precedence.
