@@ -1,8 +1,7 @@
 """A recipe built as the trainer builds it under ZeRO-3, on one rank of a multi-process launch,
 then (optionally) trained for a few optimizer steps, with this rank's memory measured by phase.
 
-Used by tests/test_parallel_construction.py (the build), tests/test_scale_1b.py (the steps) and
-benchmarks/construction.py. Memory is resident memory (VmRSS), sampled by a thread every
+Used by tests/test_scale_1b.py and benchmarks/construction.py. Memory is resident memory (VmRSS), sampled by a thread every
 `SAMPLE_S` seconds and attributed to the phase running at the time; `peak` is the kernel's own
 high-water mark (VmHWM), which no sample can miss.
 
@@ -55,7 +54,7 @@ class PhaseMemory:
         self.peaks: dict[str, int] = {}
         self._report = report
         self.lowest_available = available_bytes()
-        self._phase = "start"
+        self._phase = "other"  # outside every named phase
         self._guard = guard_bytes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
