@@ -17,8 +17,8 @@ follow the model instead (docs/scaling.md, "ZeRO buffers"):
 - ZeRO-3 optimizer sub-group: one bucket of this rank's partition. DeepSpeed steps the optimizer
   one sub-group at a time, with a flattened gradient copy and Adam's temporaries the size of a
   sub-group; its default (1e9) makes that the whole partition (for mac-1.3b on 4 CPU ranks the
-  first step's optimizer phase then grew each rank by 2.5 GiB against 1.3 GiB with this rule,
-  of which 1.3 GiB are Adam's moments touched for the first time).
+  first step's optimizer phase grew each rank by more than 2.5 GiB, where it was stopped, against
+  1.3 GiB with this rule, Adam's moments touched for the first time).
 
 A "layer" is one transformer block's parameters on one tp rank (`layer_parameters`), what ZeRO-3
 gathers at a time.
@@ -27,7 +27,6 @@ gathers at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 MIN_BUCKET_ELEMENTS = 2**24  # 32 MiB of bf16: the smallest collective we ask a GPU to run
 PREFETCH_FRACTION = 0.9

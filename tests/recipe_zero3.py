@@ -1,9 +1,9 @@
 """A recipe built as the trainer builds it under ZeRO-3, on one rank of a multi-process launch,
 then (optionally) trained for a few optimizer steps, with this rank's memory measured by phase.
 
-Used by tests/test_scale_1b.py and benchmarks/construction.py. Memory is resident memory (VmRSS), sampled by a thread every
-`SAMPLE_S` seconds and attributed to the phase running at the time; `peak` is the kernel's own
-high-water mark (VmHWM), which no sample can miss.
+Used by tests/test_scale_1b.py and benchmarks/construction.py. Memory is resident memory
+(VmRSS), sampled by a thread every `SAMPLE_S` seconds and attributed to the phase running at the
+time; `peak` is the kernel's own high-water mark (VmHWM), which no sample can miss.
 
 A >= 1B model on 4 processes uses most of a 24 GB machine, so every rank also stops itself
 (exit code `OUT_OF_MEMORY_EXIT`, one line on stderr) when the machine's available memory falls
@@ -86,7 +86,8 @@ class PhaseMemory:
             self._phase = outer
             if self._report:
                 print(f"rank {os.environ.get('RANK')}: {name} peak {self.peaks[name] / 2**30:.2f} GiB, now "
-                      f"{_status_bytes('VmRSS') / 2**30:.2f} GiB; machine available {available_bytes() / 2**30:.2f} GiB",
+                      f"{_status_bytes('VmRSS') / 2**30:.2f} GiB; "
+                      f"machine available {available_bytes() / 2**30:.2f} GiB",
                       file=sys.stderr, flush=True)
 
     def stop(self) -> dict[str, int]:
@@ -168,7 +169,8 @@ def build_recipe_zero3(recipe: str, overrides: list[str], steps: int = 0, guard_
     partition = parameters[0].ds_tensor  # the embedding: its first elements, drawn by the rule
     start = partition.ds_numel * torch.distributed.get_rank()
     distribution = initial_distributions_for(config)["embedding.weight"]
-    expected = SeededTensor(distribution, config.train.seed, "embedding.weight", parameters[0].ds_numel).span(start, start + 8)
+    expected = SeededTensor(distribution, config.train.seed, "embedding.weight",
+                            parameters[0].ds_numel).span(start, start + 8)
     result = dict(parameters=sum(p.ds_numel for p in parameters),
                   local_elements=sum(p.ds_tensor.numel() for p in parameters),
                   dtype=str(partition.dtype), before=before, peak=peak_rss_bytes(), seconds=seconds,

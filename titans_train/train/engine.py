@@ -33,8 +33,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
 
 
 def zero_buckets_of(config: DictConfig):
-    """ZeRO's buffer sizes for this run's model and tp degree (`parallel.zero_buckets`, the rule
-    the planner uses too)."""
+    """ZeRO's buffer sizes for this run's model and tp degree (`titans_train.parallel.zero_buckets`,
+    the rule the planner uses too; `parallel.zero_bucket_elements` overrides its bucket)."""
     from titans_train.config import model_config
     from titans_train.parallel.zero_buckets import zero_buckets
     from titans_train.plan.model_facts import model_facts
