@@ -1,5 +1,6 @@
 """The recipes past 760M: they validate for their stated world size, their parameter count is
-within 3% of their name, and the planner says they fit their stated hardware."""
+within 3% of their name, the planner says they fit their stated hardware, and the planner's
+numbers in each header are what the planner says now (a planner change must rewrite them)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from titans_train.plan import DEVICES, Hardware, evaluate, run_shape
 from titans_train.plan.planner import layout_of
 from titans_train.config.loading import resolve_recipe_path
 
+HEADER_PLAN = re.compile(r"(\d+\.\d) GiB per GPU of\n#   (\d+\.\d) usable; step (\d+\.\d+) s, ([\d.]+)M tokens/s, "
+                         r"([\d.]+) days")
 SCALE = re.compile(r"^(mac|mag|transformer|lmm|mal)-(1\.3|3|7|13)b(-\d+t)?$")
 RECIPES = [name for name in list_recipes() if SCALE.match(name)]
 
@@ -33,3 +36,9 @@ def test_recipe_validates_counts_and_fits(name):
     assert abs(parameters / target - 1) < 0.03, parameters
     plan = evaluate(run_shape(config), Hardware(DEVICES["h100-80gb"], nodes, 8), layout_of(config))
     assert plan.fits, (plan.peak_bytes, plan.usable_bytes)
+    times = {term.name: term.value for term in plan.time}
+    written = HEADER_PLAN.search(header)
+    assert written, f"{name}: no planner line in the header"
+    assert written.groups() == (f"{plan.peak_bytes / 2**30:.1f}", f"{plan.usable_bytes / 2**30:.1f}",
+                                f"{times['step s']:.2f}", f"{times['tokens per s'] / 1e6:.2f}",
+                                f"{times['days to token budget']:.1f}"), name
