@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from titans_train.model import VARIANTS, ModelState, TitansConfig, TitansLM
+from titans_train.model.config import MEMORY_VARIANTS
 
 VOCAB = 37
 SEQ_LEN = 14
@@ -189,3 +190,22 @@ def test_telemetry_reports_memory_gates(variant):
     assert 0 < out.telemetry["layers.0.memory.theta"] < model.config.theta_max
     assert out.telemetry["layers.0.memory.update_norm"] > 0
     assert model(token_ids()).telemetry is None
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+@pytest.mark.parametrize("switch, gate", [("memory_momentum", "eta_proj"), ("memory_decay", "alpha_proj")])
+def test_update_ablation_removes_exactly_its_term(variant, switch, gate):
+    """memory_momentum/memory_decay False equals the paper's update with that gate driven to exactly 0
+    through its own sigmoid (bias -inf), and differs from the update with the term."""
+    settings = dict(alpha_bias_init=0.0)  # forgetting 0.5 per token: the term is large enough to show
+    ablated = tiny_model(variant, **settings, **{switch: False})
+    reference, full = tiny_model(variant, **settings), tiny_model(variant, **settings)
+    gates = [module for name, module in reference.named_modules() if name.endswith(f"memory.{gate}")]
+    assert len(gates) == reference.config.n_layers
+    for module in gates:
+        module.bias.data.fill_(float("-inf"))
+    ids = token_ids()
+    with torch.no_grad():
+        logits = ablated(ids).logits
+        assert_close(logits, reference(ids).logits)
+        assert not torch.allclose(logits, full(ids).logits)

@@ -53,6 +53,10 @@ class TitansConfig:
     theta_bias_init: float = 0.0
     eta_bias_init: float = 0.0
     alpha_bias_init: float = -5.0
+    # Ablations of the update (paper Table 5). False removes the term exactly: no momentum is
+    # eta = 0 (S_t = -theta_t * grad), no weight decay is alpha = 0 (M_t = M_{t-1} + S_t).
+    memory_momentum: bool = True
+    memory_decay: bool = True
     # attention
     segment_len: int = 128
     window: int = 512

@@ -40,6 +40,7 @@ class NeuralMemory(nn.Module):
         self.activation = config.memory_activation
         self.residual = config.memory_residual
         self.theta_max = config.theta_max
+        self.momentum, self.decay = config.memory_momentum, config.memory_decay
         self.conv_kernel = config.conv_kernel
         inner = self.n_memory_heads * self.head_dim
         self.q_proj = nn.Linear(config.dim, inner, bias=False)
@@ -105,6 +106,12 @@ class NeuralMemory(nn.Module):
         theta = self.theta_max * torch.sigmoid(self.theta_proj(x)).transpose(1, 2)
         eta = torch.sigmoid(self.eta_proj(x)).transpose(1, 2)
         alpha = torch.sigmoid(self.alpha_proj(x)).transpose(1, 2)
+        # An ablated term's gate is multiplied by 0 rather than dropped so its projection stays in
+        # the graph: every parameter gets a gradient (zero), as DDP and ZeRO expect.
+        if not self.momentum:
+            eta = eta * 0.0
+        if not self.decay:
+            alpha = alpha * 0.0
         return theta, eta, alpha
 
     # -- update and retrieve -------------------------------------------------------------------
