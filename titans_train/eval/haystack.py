@@ -19,14 +19,14 @@ HAYSTACKS = ("repeat", "natural")
 REPEATED = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 
 
-def builtin_held_out_text() -> str:
-    """The built-in corpus's validation files, concatenated in sorted order."""
+def builtin_text(held_out: bool = True) -> str:
+    """The built-in corpus's validation files (held_out) or training files, concatenated in sorted order."""
     from titans_train.data.builtin import is_validation, stdlib_files
 
     stdlib = sysconfig.get_paths()["stdlib"]
     parts = []
     for relative in stdlib_files(stdlib):
-        if is_validation(relative):
+        if is_validation(relative) == held_out:
             with open(os.path.join(stdlib, relative), encoding="utf-8", errors="replace") as handle:
                 parts.append(handle.read())
     return "\n".join(parts)
@@ -46,7 +46,7 @@ class Haystack:
             return cls(kind, np.asarray(tokenizer.encode(REPEATED)))
         if stream is not None:
             return cls(kind, stream)
-        return cls(kind, np.asarray(tokenizer.encode(builtin_held_out_text())))
+        return cls(kind, np.asarray(tokenizer.encode(builtin_text())))
 
     def take(self, count: int, rng: np.random.Generator) -> list[int]:
         """`count` consecutive tokens (wrapping); the repeated haystack always starts at 0."""
