@@ -62,9 +62,11 @@ def test_prepared_samples_hold_the_episodes_where_they_say(tmp_path):
                     assert asked.text == question  # the eval's question, word for word
                     assert answer.text == _solve_niah(text, asked.offset)
                     assert asked.offset + len(asked.text) <= SEQ_LEN - 5
-                else:
+                elif episode.kind == "mqar":
                     assert answer.text == _solve_mqar(text, asked.offset, asked.text.strip().rstrip(":"))
-    assert kinds == {"niah", "mqar"} and levels == {-1, *range(len(MQAR_LEVELS))}
+                else:
+                    assert answer.text == text[:asked.offset].rsplit("\n", 1)[-1]  # the string before " = "
+    assert kinds == {"niah", "mqar", "copy"} and levels == {-1, *range(len(MQAR_LEVELS))}
     validation = PreparedDataset(prepared["validation"])
     _, held_out = validation.read(np.arange(len(validation)))
     assert not {tokenizer.decode(s[:-1].tolist()) for s in held_out} & {d.text for d in documents}

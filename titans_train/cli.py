@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("titans_train.eval.cli", "evaluate a model: held-out perplexity by position, long-context retrieval"),
     "convert": ("titans_train.convert.cli", "a checkpoint of any layout to a Hugging Face model, or back"),
     "study": ("titans_train.study.cli", "scaling studies: plan, run, collect, fit and plot a grid of runs"),
+    "reproduce": ("titans_train.eval.reproduction", "the paper's retrieval orderings in small: train a study's "
+                  "variants on the study corpus, evaluate them, tabulate"),
 }
 
 

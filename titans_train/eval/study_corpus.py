@@ -3,7 +3,7 @@
 A tiny model learns retrieval at CPU scale only if the skill is in its training data, densely and in
 the form the evaluation asks for. Every document is exactly `seq_len` ASCII bytes, so with the EOS
 `prepare` appends it is exactly one prepared sample of seq_len + 1 tokens: an episode is never cut
-by a sample boundary. Two kinds of document, drawn with equal probability:
+by a sample boundary. Three kinds of document, drawn with probabilities 0.4, 0.4, 0.2:
 
 - `niah`: one passkey episode in the format of the eval's probes (`niah.needle("passkey")`):
   haystack with the needle at a uniform depth, the question, the 5-digit answer, then haystack to
@@ -18,6 +18,9 @@ by a sample boundary. Two kinds of document, drawn with equal probability:
   2-digit values, level 2 the eval's two-letter keys and 2-digit values; the levels are mixed in
   every batch (the prepared dataset is shuffled) so the easy ones give recall by content a gradient
   from the first steps.
+- `copy`: random digit strings each written twice (`s = s`), the plainest copy task: induction
+  heads form fastest on repeated random strings over a small alphabet, and they are what the
+  other two kinds need.
 
 `Document.episodes` records where each needle, pair, question and answer sits (byte offsets in the
 document), so a test can check every one by decoding the prepared sample.
@@ -38,7 +41,8 @@ from titans_train.eval.haystack import REPEATED, builtin_text
 from titans_train.eval.niah import needle
 from titans_train.study.collect import write_atomic
 
-KINDS = ("niah", "mqar")
+KINDS = ("niah", "mqar", "copy")
+KIND_WEIGHTS = (0.4, 0.4, 0.2)
 MQAR_LEVELS = (  # (key alphabet, value digits)
     tuple(string.ascii_lowercase[:8]),
     tuple(string.ascii_lowercase),
@@ -58,11 +62,11 @@ class Span:
 
 @dataclass
 class Episode:
-    kind: str  # "niah" or "mqar"
-    needles: list[Span]  # the passkey sentence, or the asked key:value pairs
-    questions: list[Span]  # the question (niah) or each query " key:" (mqar)
+    kind: str  # "niah", "mqar" or "copy"
+    needles: list[Span]  # the passkey sentence, the asked key:value pairs, or the strings to copy
+    questions: list[Span]  # the question (niah), each query " key:" (mqar), each " = " (copy)
     answers: list[Span]  # what follows each question
-    level: int = -1  # mqar curriculum level; -1 for niah
+    level: int = -1  # mqar curriculum level; -1 for the others
 
 
 @dataclass
@@ -133,14 +137,31 @@ def mqar_document(seq_len: int, rng: np.random.Generator) -> Document:
     return Document(text, [Episode("mqar", needles, questions, answers, level)])
 
 
+def copy_document(seq_len: int, rng: np.random.Generator) -> Document:
+    text, needles, questions, answers = "", [], [], []
+    while True:
+        value = "".join(str(d) for d in rng.integers(10, size=int(rng.integers(4, 33))))
+        if len(text) + 2 * len(value) + 4 > seq_len:
+            break
+        needles.append(Span(len(text), value))
+        questions.append(Span(len(text) + len(value), " = "))
+        answers.append(Span(len(text) + len(value) + 3, value))
+        text += f"{value} = {value}\n"
+    text += "." * (seq_len - len(text))
+    return Document(text, [Episode("copy", needles, questions, answers)])
+
+
 def study_documents(seed: int, count: int, seq_len: int, natural: str | None = None) -> list[Document]:
     """`count` documents of `seq_len` bytes; document i depends on (seed, i) alone."""
     haystacks = _Haystacks(natural_haystack_text() if natural is None else natural)
     documents = []
     for index in range(count):
         rng = np.random.default_rng([seed, index])
-        kind = KINDS[int(rng.integers(len(KINDS)))]
-        document = niah_document(seq_len, rng, haystacks) if kind == "niah" else mqar_document(seq_len, rng)
+        kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
+        if kind == "niah":
+            document = niah_document(seq_len, rng, haystacks)
+        else:
+            document = mqar_document(seq_len, rng) if kind == "mqar" else copy_document(seq_len, rng)
         assert len(document.text.encode("ascii")) == seq_len, "a study document must be exactly seq_len bytes"
         documents.append(document)
     return documents

@@ -1,0 +1,155 @@
+"""`titans-train reproduce`: the paper's orderings in small, in one command (docs/evals.md, "The CPU
+reproduction study").
+
+    OMP_NUM_THREADS=1 titans-train reproduce studies/niah-cpu
+
+1. plans the study (a `titans-train study` file: one size, one token budget, a variant per model
+   and ablation), every run reading the study corpus at `--corpus`;
+2. writes the study corpus (titans_train/eval/study_corpus.py) with as many documents as the
+   largest run trains on (each sample seen once), unless it is there already;
+3. trains every unfinished run, one after another (the study runner: resumable, a diverged run is
+   reported and skipped);
+4. evaluates every finished run with `titans-train eval`: `ppl` (loss by position bucket) and
+   `niah` at `--lengths` on each `--haystacks`, each haystack's results in `<run>/eval-<haystack>.json`
+   with its length x depth heatmap beside it;
+5. writes `<runs_dir>/reproduction.json` (per run: parameters, tokens, status, the retrieval
+   accuracy by haystack and length, the loss by position, the niah curve logged during
+   training and the step it first reached `--retrieves-at`, the last memory telemetry), the table
+   `<runs_dir>/reproduction.md` (also printed) and `<runs_dir>/reproduction-<haystack>.png`
+   (length x run).
+Running it again skips finished runs and evaluations; delete a run's eval-*.json to redo it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_STUDY = "studies/niah-cpu"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", nargs="?", default=DEFAULT_STUDY, help=f"a study file (default {DEFAULT_STUDY})")
+    parser.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir)")
+    parser.add_argument("--corpus", default="runs/niah-study/corpus", help="the study corpus directory "
+                        "(written if missing; default runs/niah-study/corpus)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus (default 0); the eval probes use 0")
+    parser.add_argument("--validation-documents", type=int, default=256, help="held-out documents (default 256)")
+    parser.add_argument("--lengths", default="1x,2x,4x,8x", help="eval lengths (default 1x,2x,4x,8x)")
+    parser.add_argument("--haystacks", default="repeat,natural", help="niah haystacks (default repeat,natural)")
+    parser.add_argument("--samples", type=int, default=4, help="niah probes per length and depth (default 4)")
+    parser.add_argument("--retrieves-at", type=float, default=0.5,
+                        help="niah accuracy at 1x that counts as retrieving, for the first-retrieval step (default 0.5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from titans_train.eval.study_corpus import write_study_corpus
+    from titans_train.study.plan import plan_study
+    from titans_train.study.runner import run_study
+    from titans_train.study.spec import load_study
+
+    study, path = load_study(args.study)
+    corpus = Path(args.corpus)
+    study.overrides.update({"data.train_dir": str(corpus / "train"), "data.validation_dir": str(corpus / "validation")})
+    runs = plan_study(study, path, runs_dir=args.runs_dir)
+    runs_dir = Path(runs[0].run_dir).parent
+    seq_len = runs[0].seq_len
+    write_study_corpus(str(corpus), args.seed, math.ceil(max(r.tokens for r in runs) / seq_len),
+                       args.validation_documents, seq_len)
+    trained = run_study(runs)
+    haystacks = [h.strip() for h in args.haystacks.split(",") if h.strip()]
+    results = []
+    for planned in runs:
+        result = {"run": planned.name, "variant": planned.variant, "params": planned.params,
+                  "tokens": planned.tokens, "steps": planned.steps, "run_dir": planned.run_dir,
+                  **training_record(planned, args.retrieves_at)}
+        if result["status"] == "finished":
+            result.update(evaluate(Path(planned.run_dir), haystacks, args.lengths, args.samples))
+        results.append(result)
+    summary = {"study": study.name, "seq_len": seq_len, "lengths": args.lengths, "haystacks": haystacks,
+               "samples": args.samples, "runs": results}
+    write_outputs(summary, runs_dir)
+    evaluated = all(r["status"] == "finished" for r in results)
+    return trained if trained else (0 if evaluated else 1)
+
+
+def training_record(planned, retrieves_at: float) -> dict:
+    """Status, the niah curve logged during training, its first step >= retrieves_at, the last telemetry."""
+    from titans_train.study.collect import read_metrics, run_status
+
+    records = read_metrics(Path(planned.run_dir))
+    curve = [(r["step"], r["eval/niah/accuracy"]) for r in records if "eval/niah/accuracy" in r]
+    telemetry = [r for r in records if any(k.startswith("telemetry/") for k in r)]
+    first = next((step for step, accuracy in curve if accuracy >= retrieves_at), None)
+    validation = [r["val/loss"] for r in records if "val/loss" in r]
+    return {"status": run_status(planned, records), "niah_curve": curve, "first_retrieval_step": first,
+            "val_loss": validation[-1] if validation else None,
+            "telemetry": {k: v for k, v in telemetry[-1].items() if k.startswith("telemetry/")} if telemetry else {}}
+
+
+def evaluate(run_dir: Path, haystacks: list[str], lengths: str, samples: int) -> dict:
+    """`titans-train eval` per haystack (ppl with the first); results by haystack and length."""
+    niah, ppl = {}, None
+    for index, haystack in enumerate(haystacks):
+        out = run_dir / f"eval-{haystack}.json"
+        if not out.is_file():
+            tasks = "ppl,niah" if index == 0 else "niah"
+            subprocess.run([sys.executable, "-m", "titans_train", "eval", str(run_dir), "--tasks", tasks,
+                            "--lengths", lengths, "--haystack", haystack, "--samples", str(samples),
+                            "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+        tasks = json.loads(out.read_text())["tasks"]
+        niah[haystack] = accuracy_by_length(tasks["niah"])
+        ppl = tasks.get("ppl", ppl)
+    return {"niah": niah, "ppl": ppl}
+
+
+def accuracy_by_length(niah: dict) -> dict[str, float]:
+    """Mean exact match over depths, weighted by probes: {length: accuracy}."""
+    totals: dict[int, list[float]] = {}
+    for cell in niah["cells"]:
+        total = totals.setdefault(cell["length"], [0.0, 0])
+        total[0] += cell["accuracy"] * cell["probes"]
+        total[1] += cell["probes"]
+    return {str(length): right / probes for length, (right, probes) in sorted(totals.items())}
+
+
+def table(summary: dict) -> str:
+    runs = summary["runs"]
+    lengths = sorted({int(length) for r in runs for acc in r.get("niah", {}).values() for length in acc})
+    columns = [f"niah {h[:3]} {length}" for h in summary["haystacks"] for length in lengths]
+    gates = ("theta", "eta", "alpha", "update_norm")
+    header = ["run", "params", "tokens", "status", "val loss", "first retrieval", *columns, *gates]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        cells = [r["run"], f"{r['params']:,}", f"{r['tokens']:,}", r["status"],
+                 f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
+                 str(r["first_retrieval_step"]) if r["first_retrieval_step"] is not None else "-"]
+        cells += [f"{r['niah'][h][str(length)]:.2f}" if "niah" in r else "-" for h in summary["haystacks"] for length in lengths]
+        cells += [_layer_mean(r["telemetry"], gate) for gate in gates]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _layer_mean(telemetry: dict, name: str) -> str:
+    values = [v for k, v in telemetry.items() if k.endswith(f"/{name}")]
+    return f"{sum(values) / len(values):.3g}" if values else "-"
+
+
+def write_outputs(summary: dict, runs_dir: Path) -> None:
+    from titans_train.eval.report import heatmap, write_json
+    from titans_train.study.collect import write_atomic
+
+    write_json(summary, runs_dir / "reproduction.json")
+    text = table(summary)
+    write_atomic(runs_dir / "reproduction.md", text + "\n")
+    print(text)
+    for haystack in summary["haystacks"]:
+        cells = [{"length": int(length), "run": r["run"], "accuracy": accuracy}
+                 for r in summary["runs"] if "niah" in r for length, accuracy in r["niah"][haystack].items()]
+        if cells:
+            heatmap({"cells": cells}, "run", runs_dir / f"reproduction-{haystack}.png",
+                    f"niah ({haystack} haystack): exact match by length and run")
