@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from titans_train.errors import UserError
+
 DEFAULT_STUDY = "studies/niah-cpu"
 
 
@@ -98,9 +100,12 @@ def evaluate(run_dir: Path, haystacks: list[str], lengths: str, samples: int) ->
         out = run_dir / f"eval-{haystack}.json"
         if not out.is_file():
             tasks = "ppl,niah" if index == 0 else "niah"
-            subprocess.run([sys.executable, "-m", "titans_train", "eval", str(run_dir), "--tasks", tasks,
-                            "--lengths", lengths, "--haystack", haystack, "--samples", str(samples),
-                            "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+            command = [sys.executable, "-m", "titans_train", "eval", str(run_dir), "--tasks", tasks,
+                       "--lengths", lengths, "--haystack", haystack, "--samples", str(samples), "--out", str(out)]
+            code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+            if code != 0:
+                raise UserError(f"evaluating {run_dir} failed (exit code {code}, its error above); fix it and "
+                                f"run `titans-train reproduce` again (finished runs and evaluations are kept)")
         tasks = json.loads(out.read_text())["tasks"]
         niah[haystack] = accuracy_by_length(tasks["niah"])
         ppl = tasks.get("ppl", ppl)
