@@ -36,6 +36,9 @@ def test_reproduce_trains_evaluates_and_tabulates(tmp_path, capsys):
         assert (runs / run["run"] / "eval-repeat.json").is_file()
         assert (runs / run["run"] / "eval-repeat.niah.png").is_file()
     assert {"theta", "eta", "alpha", "update_norm"} <= {k.rsplit("/", 1)[1] for k in summary["runs"][0]["telemetry"]}
+    losses = summary["runs"][0]["answer_loss"]  # the validation documents' answers, by kind
+    assert set(losses) <= {"niah", "copy", "mqar0", "mqar1", "mqar2"} and len(losses) >= 2
+    assert all(0 < kind["loss"] < 10 and kind["tokens"] > 0 for kind in losses.values())
     assert (runs / "reproduction-repeat.png").is_file()
     table = (runs / "reproduction.md").read_text()
     assert "| mac-d16-t2.048k | " in table and table in capsys.readouterr().out

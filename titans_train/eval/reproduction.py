@@ -14,7 +14,8 @@ reproduction study").
    with its length x depth heatmap beside it;
 5. writes `<runs_dir>/reproduction.json` (per run: parameters, tokens, status, the retrieval
    accuracy by haystack and length, the loss by position, the niah curve logged during
-   training and the step it first reached `--retrieves-at`, the last memory telemetry), the table
+   training and the step it first reached `--retrieves-at`, the last memory telemetry, the loss of
+   the answer tokens of the validation documents by episode kind), the table
    `<runs_dir>/reproduction.md` (also printed) and `<runs_dir>/reproduction-<haystack>.png`
    (length x run).
 Running it again skips finished runs and evaluations; delete a run's eval-*.json to redo it.
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                   **training_record(planned, args.retrieves_at)}
         if result["status"] == "finished":
             result.update(evaluate(Path(planned.run_dir), haystacks, args.lengths, args.samples))
+            result["answer_loss"] = answer_losses(Path(planned.run_dir), args.seed + 1, args.validation_documents, seq_len)
         results.append(result)
     summary = {"study": study.name, "seq_len": seq_len, "lengths": args.lengths, "haystacks": haystacks,
                "samples": args.samples, "runs": results}
@@ -112,6 +114,34 @@ def evaluate(run_dir: Path, haystacks: list[str], lengths: str, samples: int) ->
     return {"niah": niah, "ppl": ppl}
 
 
+def answer_losses(run_dir: Path, validation_seed: int, documents: int, seq_len: int) -> dict[str, dict]:
+    """Mean loss and greedy accuracy of the answer tokens of the validation documents, by episode
+    kind (mqar by level): {"niah": {"loss", "accuracy", "tokens"}, "mqar0": ..., "copy": ...}.
+    A digit the model cannot copy costs ln 10 = 2.30: the floor of a model that does not recall."""
+    import torch
+
+    from titans_train.eval.source import load_source
+    from titans_train.eval.study_corpus import study_documents
+
+    model = load_source(run_dir).model
+    sums: dict[str, list[float]] = {}
+    for document in study_documents(validation_seed, documents, seq_len):
+        ids = torch.tensor([list(document.text.encode("ascii"))])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        for episode in document.episodes:
+            name = episode.kind if episode.level < 0 else f"{episode.kind}{episode.level}"
+            total = sums.setdefault(name, [0.0, 0.0, 0])
+            for answer in episode.answers:
+                for position in range(answer.offset, answer.offset + len(answer.text)):
+                    predicted = log_probs[position - 1]  # the logits at position - 1 predict token `position`
+                    total[0] -= float(predicted[ids[0, position]])
+                    total[1] += float(predicted.argmax() == ids[0, position])
+                    total[2] += 1
+    return {name: {"loss": loss / count, "accuracy": right / count, "tokens": count}
+            for name, (loss, right, count) in sorted(sums.items())}
+
+
 def accuracy_by_length(niah: dict) -> dict[str, float]:
     """Mean exact match over depths, weighted by probes: {length: accuracy}."""
     totals: dict[int, list[float]] = {}
@@ -127,13 +157,16 @@ def table(summary: dict) -> str:
     lengths = sorted({int(length) for r in runs for acc in r.get("niah", {}).values() for length in acc})
     columns = [f"niah {h[:3]} {length}" for h in summary["haystacks"] for length in lengths]
     gates = ("theta", "eta", "alpha", "update_norm")
-    header = ["run", "params", "tokens", "status", "val loss", "first retrieval", *columns, *gates]
+    kinds = sorted({kind for r in runs for kind in r.get("answer_loss", {})})
+    header = ["run", "params", "tokens", "status", "val loss", "first retrieval", *columns,
+              *[f"answer loss {kind}" for kind in kinds], *gates]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         cells = [r["run"], f"{r['params']:,}", f"{r['tokens']:,}", r["status"],
                  f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
                  str(r["first_retrieval_step"]) if r["first_retrieval_step"] is not None else "-"]
         cells += [f"{r['niah'][h][str(length)]:.2f}" if "niah" in r else "-" for h in summary["haystacks"] for length in lengths]
+        cells += [f"{r['answer_loss'][kind]['loss']:.2f}" if kind in r.get("answer_loss", {}) else "-" for kind in kinds]
         cells += [_layer_mean(r["telemetry"], gate) for gate in gates]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
