@@ -44,3 +44,9 @@ def test_reproduce_trains_evaluates_and_tabulates(tmp_path, capsys):
     assert "| mac-d16-t2.048k | " in table and table in capsys.readouterr().out
     corpus = json.loads((tmp_path / "corpus" / "corpus.json").read_text())
     assert corpus["train_documents"] == 8  # 2048 tokens / 256 per document: every sample seen once
+
+
+def test_reproduce_refuses_an_unknown_haystack_before_any_work(tmp_path, capsys):
+    assert main(["reproduce", "--haystacks", "repeat,rep", "--corpus", str(tmp_path / "corpus")]) == 2
+    assert "--haystacks: rep given; choose from repeat, natural" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from titans_train.errors import UserError
+from titans_train.eval.errors import EvalOptionError
 
 DEFAULT_STUDY = "studies/niah-cpu"
 
@@ -50,11 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from titans_train.eval.study_corpus import write_study_corpus
+    from titans_train.eval.haystack import HAYSTACKS
+    from titans_train.eval.study_corpus import validation_seed, write_study_corpus
     from titans_train.study.plan import plan_study
     from titans_train.study.runner import run_study
     from titans_train.study.spec import load_study
 
+    haystacks = [h.strip() for h in args.haystacks.split(",") if h.strip()]
+    unknown = [h for h in haystacks if h not in HAYSTACKS]
+    if unknown or not haystacks:
+        raise EvalOptionError("--haystacks", f"{', '.join(unknown) or 'nothing'} given; choose from {', '.join(HAYSTACKS)}")
     study, path = load_study(args.study)
     corpus = Path(args.corpus)
     study.overrides.update({"data.train_dir": str(corpus / "train"), "data.validation_dir": str(corpus / "validation")})
@@ -64,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     write_study_corpus(str(corpus), args.seed, math.ceil(max(r.tokens for r in runs) / seq_len),
                        args.validation_documents, seq_len)
     trained = run_study(runs)
-    haystacks = [h.strip() for h in args.haystacks.split(",") if h.strip()]
     results = []
     for planned in runs:
         result = {"run": planned.name, "variant": planned.variant, "params": planned.params,
@@ -72,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                   **training_record(planned, args.retrieves_at)}
         if result["status"] == "finished":
             result.update(evaluate(Path(planned.run_dir), haystacks, args.lengths, args.samples))
-            result["answer_loss"] = answer_losses(Path(planned.run_dir), args.seed + 1, args.validation_documents, seq_len)
+            result["answer_loss"] = answer_losses(Path(planned.run_dir), validation_seed(args.seed),
+                                                  args.validation_documents, seq_len)
         results.append(result)
     summary = {"study": study.name, "seq_len": seq_len, "lengths": args.lengths, "haystacks": haystacks,
                "samples": args.samples, "runs": results}

@@ -52,6 +52,11 @@ MQAR_VALUE_DIGITS = (1, 2, 2)
 ANSWER_BYTES = 5  # a passkey
 
 
+def validation_seed(seed: int) -> int:
+    """The validation documents' seed: never the training documents'."""
+    return seed + 1
+
+
 @dataclass
 class Span:
     """A piece of text at a byte offset of its document: what a decoding check reads back."""
@@ -174,7 +179,7 @@ def write_study_corpus(directory: str, seed: int, train_documents: int, validati
     episodes (`validation.episodes.jsonl`: kind, needles, questions, answers with their offsets).
     Returns {split: prepared dir}.
 
-    The validation documents are drawn from seed + 1 (never the training ones). A split that is
+    The validation documents are drawn from `validation_seed(seed)` (never the training ones). A split that is
     already prepared with the same settings is kept: preparation is deterministic.
     """
     from titans_train.data.prepare import prepare_dataset
@@ -189,7 +194,7 @@ def write_study_corpus(directory: str, seed: int, train_documents: int, validati
         with open(settings_path) as handle:
             if json.load(handle) == settings:
                 return prepared
-    for split, split_seed, count in (("train", seed, train_documents), ("validation", seed + 1, validation_documents)):
+    for split, split_seed, count in (("train", seed, train_documents), ("validation", validation_seed(seed), validation_documents)):
         documents = study_documents(split_seed, count, seq_len, natural)
         source = os.path.join(directory, f"{split}.jsonl")
         write_atomic(Path(source), "".join(json.dumps({"text": d.text}) + "\n" for d in documents))
