@@ -11,7 +11,7 @@ engine (`tests/recipe_zero3.py`): two optimizer steps, the second on ZeRO-3's re
 peak resident memory bounded by its quarter of the training state plus ZeRO's buffers
 (`parallel/zero_buckets.py`), far below one rank holding the whole model.
 
-Cost: 318 s at a load average of 7-10 on 2 cores (to be re-measured on a quiet machine); peak
+Cost: 187 s on 2 quiet cores (318 s at a load average of 7-10); peak
 ~4.75 GiB per rank, ~19 GiB over the 4 ranks. Each rank stops itself (a clear failure, not the
 OOM killer) if the machine's available memory falls below `GUARD`.
 """
