@@ -131,7 +131,10 @@ def test_two_processes_dp_and_tp_give_the_numbers_of_one(sources):
     two = run_distributed("test_eval_ppl:evaluate_layouts", 2, 300, source=sources.checkpoint, data=sources.data,
                           tps=[1, 2])
     assert one["results"]["tasks"]["ppl"]["by_length"][-1]["windows"] > 2  # several windows to split
-    assert [two[0][tp]["layout"] for tp in (1, 2)] == [{"tp": 1, "replicas": 2}, {"tp": 2, "replicas": 1}]
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # --device auto: the rank's device
+    assert one["layout"] == {"tp": 1, "replicas": 1, "device": device}
+    assert [two[0][tp]["layout"] for tp in (1, 2)] == [{"tp": 1, "replicas": 2, "device": device},
+                                                       {"tp": 2, "replicas": 1, "device": device}]
     for rank in (0, 1):
         for tp, label in ((1, "dp 2"), (2, "tp 2")):
             _assert_same_results(two[rank][tp]["results"]["tasks"], one["results"]["tasks"], f"{label}, rank {rank}")
@@ -170,6 +173,22 @@ def test_bad_options_are_one_line_naming_the_option(sources, capsys, argv, optio
     assert main(["eval", sources.checkpoint, *argv]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith(f"error: {option}:"), error
+
+
+@pytest.mark.parametrize("device, cuda, problem", [
+    ("gpu", False, "'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    ("meta", False, "'meta': evaluation runs on cpu or cuda; use auto, cpu, cuda or cuda:N"),
+    ("cuda", False, "'cuda' but this machine has no CUDA device; use auto or cpu"),
+    ("cuda:1", True, "'cuda:1' but this machine has 1 CUDA device(s); use auto or cuda:0 to cuda:0"),
+])
+def test_a_bad_device_is_refused_before_the_source_is_read(capsys, monkeypatch, tmp_path, device, cuda, problem):
+    from titans_train.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
+    # SOURCE does not exist: the error names --device, so the device was checked first.
+    assert main(["eval", str(tmp_path / "missing"), "--device", device]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --device: {problem}"
 
 
 def test_a_source_that_is_not_a_model_is_one_line_naming_it(sources, capsys, tmp_path):

@@ -4,6 +4,7 @@ training and an eval process (~10 s each on a quiet core)."""
 
 import json
 
+import pytest
 import yaml
 
 from titans_train.cli import main
@@ -38,7 +39,8 @@ def test_reproduce_trains_evaluates_and_tabulates(tmp_path, capsys):
     assert {"theta", "eta", "alpha", "update_norm"} <= {k.rsplit("/", 1)[1] for k in summary["runs"][0]["telemetry"]}
     losses = summary["runs"][0]["answer_loss"]  # the validation documents' answers, by kind
     assert set(losses) <= {"niah", "copy", "mqar0", "mqar1", "mqar2"} and len(losses) >= 2
-    assert all(0 < kind["loss"] < 10 and kind["tokens"] > 0 for kind in losses.values())
+    assert all(0 < kind["loss"] < 10 and kind["tokens"] >= kind["answers"] > 0 for kind in losses.values())
+    assert all(0 <= kind["exact"] <= 1 for kind in losses.values())
     assert (runs / "reproduction-repeat.png").is_file()
     table = (runs / "reproduction.md").read_text()
     assert "| mac-d16-t2.048k | " in table and table in capsys.readouterr().out
@@ -50,3 +52,34 @@ def test_reproduce_refuses_an_unknown_haystack_before_any_work(tmp_path, capsys)
     assert main(["reproduce", "--haystacks", "repeat,rep", "--corpus", str(tmp_path / "corpus")]) == 2
     assert "--haystacks: rep given; choose from repeat, natural" in capsys.readouterr().err
     assert not (tmp_path / "corpus").exists()
+
+
+def test_reproduce_refuses_a_tokenizer_other_than_bytes_before_any_work(tmp_path, capsys):
+    study = tmp_path / "niah-tiny.yaml"
+    study.write_text(yaml.safe_dump({**TINY_STUDY, "overrides": {
+        **TINY_STUDY["overrides"], "data.tokenizer": str(tmp_path / "tokenizer.json")}}))
+    assert main(["reproduce", str(study), "--runs-dir", str(tmp_path / "runs"),
+                 "--corpus", str(tmp_path / "corpus")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("config error: data.tokenizer: "), error
+    assert f"{tmp_path / 'tokenizer.json'} in run mac-d16-t2.048k of {study}" in error
+    assert "byte-level by construction" in error and "(or set it to byte)" in error
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "runs").exists()
+
+
+def test_answer_scores_sum_the_answer_tokens_loss_and_greedy_hits():
+    import math
+
+    import torch
+
+    from titans_train.eval.reproduction import answer_scores
+
+    ids = [0, 1, 2, 1]
+    probabilities = torch.tensor([[0.1, 0.7, 0.2],   # predicts ids[1] = 1: the greedy choice
+                                  [0.5, 0.1, 0.4],   # predicts ids[2] = 2: greedy would say 0
+                                  [0.2, 0.6, 0.2],   # predicts ids[3] = 1: the greedy choice
+                                  [1 / 3, 1 / 3, 1 / 3]])
+    loss, right = answer_scores(probabilities.log(), ids, offset=1, length=3)
+    assert loss == pytest.approx(-(math.log(0.7) + math.log(0.4) + math.log(0.6)))
+    assert right == 2
+    assert answer_scores(probabilities.log(), ids, offset=3, length=1) == (pytest.approx(-math.log(0.6)), 1)

@@ -39,7 +39,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-data", default="", help="write the generated probes here (one JSONL per task)")
     parser.add_argument("--wandb", default="disabled", choices=("disabled", "offline", "online"),
                         help="log the numbers to wandb through the run logger")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (this rank's device: its CUDA device when CUDA is "
+                             "present, else cpu), cpu, cuda or cuda:N")
+
+
+def requested_device(text: str):
+    """`--device` checked before any model is loaded: a torch.device, or None for `auto`, which
+    `evaluate` resolves to this rank's device once the process group exists (under torchrun,
+    init_distributed selects the rank's local CUDA device)."""
+    import torch
+
+    if text == "auto":
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise EvalOptionError("--device", f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EvalOptionError("--device", f"{text!r}: evaluation runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalOptionError("--device", f"{text!r} but this machine has no CUDA device; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EvalOptionError("--device", f"{text!r} but this machine has {torch.cuda.device_count()} CUDA "
+                                          f"device(s); use auto or cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def held_out_directory(config, data: str | None) -> str:
@@ -109,6 +133,7 @@ def evaluate(args: argparse.Namespace):
         depths = tuple(float(d) for d in args.depths.split(","))
     except ValueError:
         raise EvalOptionError("--depths", f"{args.depths!r}: give fractions such as 0,0.5,1") from None
+    device = requested_device(args.device)
     loaded = load_source(args.source)
     seq_len = int(loaded.config.train.seq_len)
     options = EvalOptions(tasks=tasks, lengths=parse_lengths(args.lengths, seq_len), seed=args.seed,
@@ -118,13 +143,17 @@ def evaluate(args: argparse.Namespace):
     check_options(options)
     layout = _layout(args.tp)
     _shard(loaded, layout, args.tp)
-    loaded.model.to(args.device)
+    if device is None:
+        from titans_train.train.distributed import current_device
+
+        device = current_device()
+    loaded.model.to(device)
     held_out = haystack = None
     if "ppl" in tasks or args.data:
         held_out = held_out_stream(held_out_directory(loaded.config, args.data), loaded.tokenizer)
         haystack = held_out if args.data else None
     results = {"source": loaded.origin, "name": loaded.config.name, "step": loaded.step, "seed": args.seed,
-               "layout": {"tp": layout.context.tp_size, "replicas": layout.replicas},
+               "layout": {"tp": layout.context.tp_size, "replicas": layout.replicas, "device": str(device)},
                "options": {"tasks": tasks, "lengths": options.lengths, "samples": options.samples,
                            "depths": list(depths), "needle": options.needle, "haystack": options.haystack,
                            "data": args.data},

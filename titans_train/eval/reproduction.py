@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = Path(args.corpus)
     study.overrides.update({"data.train_dir": str(corpus / "train"), "data.validation_dir": str(corpus / "validation")})
     runs = plan_study(study, path, runs_dir=args.runs_dir)
+    check_byte_tokenizer(runs, path)
     runs_dir = Path(runs[0].run_dir).parent
     seq_len = runs[0].seq_len
     write_study_corpus(str(corpus), args.seed, math.ceil(max(r.tokens for r in runs) / seq_len),
@@ -85,6 +86,20 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(summary, runs_dir)
     evaluated = all(r["status"] == "finished" for r in results)
     return trained if trained else (0 if evaluated else 1)
+
+
+def check_byte_tokenizer(runs, study_path: Path) -> None:
+    """The study corpus is byte-level by construction: its episodes' offsets are byte offsets and
+    `answer_losses` encodes documents as bytes, so a run with another tokenizer is refused before
+    any corpus is written or run trained."""
+    from titans_train.config import InvalidValueError, load_recipe
+
+    for planned in runs:
+        tokenizer = load_recipe(planned.recipe, list(planned.overrides), world_size=None).data.tokenizer
+        if tokenizer != "byte":
+            raise InvalidValueError("data.tokenizer", f"{tokenizer} in run {planned.name} of {study_path}, but the "
+                                    "study corpus is byte-level by construction (episode offsets are byte offsets); "
+                                    "remove data.tokenizer from the study file and its recipe (or set it to byte)")
 
 
 def training_record(planned, retrieves_at: float) -> dict:
@@ -122,30 +137,48 @@ def evaluate(run_dir: Path, haystacks: list[str], lengths: str, samples: int) ->
 
 def answer_losses(run_dir: Path, validation_seed: int, documents: int, seq_len: int) -> dict[str, dict]:
     """Mean loss and greedy accuracy of the answer tokens of the validation documents, by episode
-    kind (mqar by level): {"niah": {"loss", "accuracy", "tokens"}, "mqar0": ..., "copy": ...}.
-    A digit the model cannot copy costs ln 10 = 2.30: the floor of a model that does not recall."""
+    kind (mqar by level): {"niah": {"loss", "accuracy", "exact", "tokens", "answers"}, "mqar0": ...}.
+    `exact`: the fraction of answers whose every token is the greedy choice given the text before
+    it, i.e. that greedy decoding would produce whole (the eval's exact match, here on the training
+    format). A digit the model cannot copy costs ln 10 = 2.30: the floor of a model that does not
+    recall. Runs on this process's device (its CUDA device when CUDA is present)."""
     import torch
 
     from titans_train.eval.source import load_source
     from titans_train.eval.study_corpus import study_documents
+    from titans_train.train.distributed import current_device
 
-    model = load_source(run_dir).model
+    device = current_device()
+    model = load_source(run_dir).model.to(device)
     sums: dict[str, list[float]] = {}
     for document in study_documents(validation_seed, documents, seq_len):
-        ids = torch.tensor([list(document.text.encode("ascii"))])
+        ids = list(document.text.encode("ascii"))
         with torch.no_grad():
-            log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            log_probs = torch.log_softmax(model(torch.tensor([ids], device=device)).logits[0].float(), dim=-1).cpu()
         for episode in document.episodes:
             name = episode.kind if episode.level < 0 else f"{episode.kind}{episode.level}"
-            total = sums.setdefault(name, [0.0, 0.0, 0])
+            total = sums.setdefault(name, [0.0, 0, 0, 0, 0])
             for answer in episode.answers:
-                for position in range(answer.offset, answer.offset + len(answer.text)):
-                    predicted = log_probs[position - 1]  # the logits at position - 1 predict token `position`
-                    total[0] -= float(predicted[ids[0, position]])
-                    total[1] += float(predicted.argmax() == ids[0, position])
-                    total[2] += 1
-    return {name: {"loss": loss / count, "accuracy": right / count, "tokens": count}
-            for name, (loss, right, count) in sorted(sums.items())}
+                loss, right = answer_scores(log_probs, ids, answer.offset, len(answer.text))
+                total[0] += loss
+                total[1] += right
+                total[2] += len(answer.text)
+                total[3] += right == len(answer.text)
+                total[4] += 1
+    return {name: {"loss": loss / count, "accuracy": right / count, "exact": exact / answers, "tokens": count,
+                   "answers": answers}
+            for name, (loss, right, count, exact, answers) in sorted(sums.items())}
+
+
+def answer_scores(log_probs, ids: list[int], offset: int, length: int) -> tuple[float, int]:
+    """(summed loss, tokens that are the greedy choice) of the answer at ids[offset:offset + length].
+    log_probs: (T, vocab), of one forward over the T ids; the row at position - 1 predicts `position`."""
+    loss, right = 0.0, 0
+    for position in range(offset, offset + length):
+        predicted = log_probs[position - 1]
+        loss -= float(predicted[ids[position]])
+        right += int(predicted.argmax() == ids[position])
+    return loss, right
 
 
 def accuracy_by_length(niah: dict) -> dict[str, float]:
