@@ -30,9 +30,11 @@ def test_reproduce_trains_evaluates_and_tabulates(tmp_path, capsys):
     assert [r["run"] for r in summary["runs"]] == ["mac-d16-t2.048k"]
     for run in summary["runs"]:
         assert run["status"] == "finished" and run["steps"] == 2 and run["tokens"] == 2048
-        assert [step for step, _ in run["niah_curve"]] == [0, 1, 2]
-        assert set(run["niah"]["repeat"]) == {"256", "512"}
-        assert all(0.0 <= a <= 1.0 for a in run["niah"]["repeat"].values())
+        assert {task: [step for step, _ in curve] for task, curve in run["curves"].items()} == {
+            "niah": [0, 1, 2], "mqar": [0, 1, 2]}
+        assert set(run["first_retrieval_step"]) == {"niah", "mqar"}
+        assert set(run["niah"]["repeat"]) == set(run["mqar"]) == {"256", "512"}
+        assert all(0.0 <= a <= 1.0 for a in [*run["niah"]["repeat"].values(), *run["mqar"].values()])
         assert [b["start"] for b in run["ppl"]["by_length"][-1]["buckets"]][:2] == [0, 128]
         assert (runs / run["run"] / "eval-repeat.json").is_file()
         assert (runs / run["run"] / "eval-repeat.niah.png").is_file()
@@ -43,7 +45,8 @@ def test_reproduce_trains_evaluates_and_tabulates(tmp_path, capsys):
     assert all(0 <= kind["exact"] <= 1 for kind in losses.values())
     assert (runs / "reproduction-repeat.png").is_file()
     table = (runs / "reproduction.md").read_text()
-    assert "| mac-d16-t2.048k | " in table and table in capsys.readouterr().out
+    assert "| mac-d16-t2.048k | " in table and "| first niah | first mqar |" in table and "| mqar 512 |" in table
+    assert table in capsys.readouterr().out
     corpus = json.loads((tmp_path / "corpus" / "corpus.json").read_text())
     assert corpus["train_documents"] == 8  # 2048 tokens / 256 per document: every sample seen once
 

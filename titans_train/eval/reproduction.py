@@ -10,12 +10,12 @@ reproduction study").
 3. trains every unfinished run, one after another (the study runner: resumable, a diverged run is
    reported and skipped);
 4. evaluates every finished run with `titans-train eval`: `ppl` (loss by position bucket) and
-   `niah` at `--lengths` on each `--haystacks`, each haystack's results in `<run>/eval-<haystack>.json`
-   with its length x depth heatmap beside it;
-5. writes `<runs_dir>/reproduction.json` (per run: parameters, tokens, status, the retrieval
-   accuracy by haystack and length, the loss by position, the niah curve logged during
-   training and the step it first reached `--retrieves-at`, the last memory telemetry, the loss of
-   the answer tokens of the validation documents by episode kind), the table
+   `mqar` at `--lengths` with the first haystack, `niah` at `--lengths` on each `--haystacks`, each
+   haystack's results in `<run>/eval-<haystack>.json` with its length x depth heatmap beside it;
+5. writes `<runs_dir>/reproduction.json` (per run: parameters, tokens, status, the niah accuracy
+   by haystack and length and the mqar accuracy by length, the loss by position, the niah and mqar
+   curves logged during training and the step each first reached `--retrieves-at`, the last memory
+   telemetry, the loss of the answer tokens of the validation documents by episode kind), the table
    `<runs_dir>/reproduction.md` (also printed) and `<runs_dir>/reproduction-<haystack>.png`
    (length x run).
 Running it again skips finished runs and evaluations; delete a run's eval-*.json to redo it.
@@ -34,6 +34,7 @@ from titans_train.errors import UserError
 from titans_train.eval.errors import EvalOptionError
 
 DEFAULT_STUDY = "studies/niah-cpu"
+RETRIEVAL_TASKS = ("niah", "mqar")  # their curves during training and first retrieval steps are reported
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haystacks", default="repeat,natural", help="niah haystacks (default repeat,natural)")
     parser.add_argument("--samples", type=int, default=4, help="niah probes per length and depth (default 4)")
     parser.add_argument("--retrieves-at", type=float, default=0.5,
-                        help="niah accuracy at 1x that counts as retrieving, for the first-retrieval step (default 0.5)")
+                        help="niah/mqar accuracy at 1x that counts as retrieving, for the first-retrieval steps "
+                             "(default 0.5)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,26 +105,30 @@ def check_byte_tokenizer(runs, study_path: Path) -> None:
 
 
 def training_record(planned, retrieves_at: float) -> dict:
-    """Status, the niah curve logged during training, its first step >= retrieves_at, the last telemetry."""
+    """Status, the niah and mqar curves logged during training (`train.eval_tasks`) and the first
+    step of each >= retrieves_at, the last validation loss and telemetry."""
     from titans_train.study.collect import read_metrics, run_status
 
     records = read_metrics(Path(planned.run_dir))
-    curve = [(r["step"], r["eval/niah/accuracy"]) for r in records if "eval/niah/accuracy" in r]
+    curves = {task: [(r["step"], r[f"eval/{task}/accuracy"]) for r in records if f"eval/{task}/accuracy" in r]
+              for task in RETRIEVAL_TASKS}
+    first = {task: next((step for step, accuracy in curve if accuracy >= retrieves_at), None)
+             for task, curve in curves.items()}
     telemetry = [r for r in records if any(k.startswith("telemetry/") for k in r)]
-    first = next((step for step, accuracy in curve if accuracy >= retrieves_at), None)
     validation = [r["val/loss"] for r in records if "val/loss" in r]
-    return {"status": run_status(planned, records), "niah_curve": curve, "first_retrieval_step": first,
+    return {"status": run_status(planned, records), "curves": curves, "first_retrieval_step": first,
             "val_loss": validation[-1] if validation else None,
             "telemetry": {k: v for k, v in telemetry[-1].items() if k.startswith("telemetry/")} if telemetry else {}}
 
 
 def evaluate(run_dir: Path, haystacks: list[str], lengths: str, samples: int) -> dict:
-    """`titans-train eval` per haystack (ppl with the first); results by haystack and length."""
-    niah, ppl = {}, None
+    """`titans-train eval` per haystack (ppl and mqar with the first); niah by haystack and
+    length, mqar by length."""
+    niah, mqar, ppl = {}, None, None
     for index, haystack in enumerate(haystacks):
         out = run_dir / f"eval-{haystack}.json"
         if not out.is_file():
-            tasks = "ppl,niah" if index == 0 else "niah"
+            tasks = "ppl,mqar,niah" if index == 0 else "niah"
             command = [sys.executable, "-m", "titans_train", "eval", str(run_dir), "--tasks", tasks,
                        "--lengths", lengths, "--haystack", haystack, "--samples", str(samples), "--out", str(out)]
             code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
@@ -131,8 +137,9 @@ def evaluate(run_dir: Path, haystacks: list[str], lengths: str, samples: int) ->
                                 f"run `titans-train reproduce` again (finished runs and evaluations are kept)")
         tasks = json.loads(out.read_text())["tasks"]
         niah[haystack] = accuracy_by_length(tasks["niah"])
+        mqar = accuracy_by_length(tasks["mqar"]) if "mqar" in tasks else mqar
         ppl = tasks.get("ppl", ppl)
-    return {"niah": niah, "ppl": ppl}
+    return {"niah": niah, "mqar": mqar, "ppl": ppl}
 
 
 def answer_losses(run_dir: Path, validation_seed: int, documents: int, seq_len: int) -> dict[str, dict]:
@@ -181,10 +188,11 @@ def answer_scores(log_probs, ids: list[int], offset: int, length: int) -> tuple[
     return loss, right
 
 
-def accuracy_by_length(niah: dict) -> dict[str, float]:
-    """Mean exact match over depths, weighted by probes: {length: accuracy}."""
+def accuracy_by_length(task: dict) -> dict[str, float]:
+    """Mean exact match of a retrieval task's cells (niah: over depths) by length, weighted by probes:
+    {length: accuracy}."""
     totals: dict[int, list[float]] = {}
-    for cell in niah["cells"]:
+    for cell in task["cells"]:
         total = totals.setdefault(cell["length"], [0.0, 0])
         total[0] += cell["accuracy"] * cell["probes"]
         total[1] += cell["probes"]
@@ -195,16 +203,19 @@ def table(summary: dict) -> str:
     runs = summary["runs"]
     lengths = sorted({int(length) for r in runs for acc in r.get("niah", {}).values() for length in acc})
     columns = [f"niah {h[:3]} {length}" for h in summary["haystacks"] for length in lengths]
+    columns += [f"mqar {length}" for length in lengths]
     gates = ("theta", "eta", "alpha", "update_norm")
     kinds = sorted({kind for r in runs for kind in r.get("answer_loss", {})})
-    header = ["run", "params", "tokens", "status", "val loss", "first retrieval", *columns,
+    header = ["run", "params", "tokens", "status", "val loss", *[f"first {task}" for task in RETRIEVAL_TASKS], *columns,
               *[f"answer loss {kind}" for kind in kinds], *gates]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         cells = [r["run"], f"{r['params']:,}", f"{r['tokens']:,}", r["status"],
-                 f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
-                 str(r["first_retrieval_step"]) if r["first_retrieval_step"] is not None else "-"]
+                 f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"]
+        cells += [str(r["first_retrieval_step"][task]) if r["first_retrieval_step"][task] is not None else "-"
+                  for task in RETRIEVAL_TASKS]
         cells += [f"{r['niah'][h][str(length)]:.2f}" if "niah" in r else "-" for h in summary["haystacks"] for length in lengths]
+        cells += [f"{r['mqar'][str(length)]:.2f}" if r.get("mqar") else "-" for length in lengths]
         cells += [f"{r['answer_loss'][kind]['loss']:.2f}" if kind in r.get("answer_loss", {}) else "-" for kind in kinds]
         cells += [_layer_mean(r["telemetry"], gate) for gate in gates]
         lines.append("| " + " | ".join(cells) + " |")
