@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-documents", type=int, default=256, help="held-out documents (default 256)")
     parser.add_argument("--lengths", default="1x,2x,4x,8x", help="eval lengths (default 1x,2x,4x,8x)")
     parser.add_argument("--haystacks", default="repeat,natural", help="niah haystacks (default repeat,natural)")
-    parser.add_argument("--samples", type=int, default=4, help="niah probes per length and depth (default 4)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="probes per niah length and depth, and per mqar length (default 4)")
     parser.add_argument("--retrieves-at", type=float, default=0.5,
                         help="niah/mqar accuracy at 1x that counts as retrieving, for the first-retrieval steps "
                              "(default 0.5)")
