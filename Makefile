@@ -13,5 +13,8 @@ setup-test:
 train: setup
 	.venv/bin/titans-train train tiny-mac-cpu
 
+# Two pytest workers, one thread each (two 2-thread processes on 2 cores oversubscribe OpenMP),
+# one test file per worker at a time; then the tests that need the machine's memory to themselves.
 test: setup-test
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -m "not whole_machine"
+	$(PY) -m pytest -m whole_machine

@@ -37,6 +37,7 @@ GUARD = int(1.0 * GIB)  # machine memory left when the ranks stop themselves
 
 
 @pytest.mark.slow
+@pytest.mark.whole_machine  # ~19 GiB over its 4 ranks: never beside another test
 def test_a_1b_recipe_takes_zero3_optimizer_steps_on_four_processes_within_a_fraction_of_its_memory():
     results = run_distributed(build_recipe_zero3, world_size=WORLD, timeout_s=900, init_process_group=False,
                               recipe="mac-1.3b", overrides=OVERRIDES, steps=2, guard_bytes=GUARD,
