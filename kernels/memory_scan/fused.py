@@ -348,8 +348,11 @@ def stacked_gates(theta, eta, alpha, chunk_size):
     return ChunkGates(retrieval_decays, decays.update_scores, state_decays, state_rows)
 
 
-def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
-    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
+def run_chunk_function(function, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation,
+                       residual):
+    """Runs a chunk-loop autograd.Function taking (options, q, k, v, gates, *states) in this module's layout:
+    q, k, v (G, T, d), `ChunkGates` with a chunk dim after G, states L x (G, d_out, 2, d_in), and
+    options (chunk_size, activation, residual, token_retrieval, keep_saved). Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
     gates = stacked_gates(theta, eta, alpha, chunk_size)
     groups = batch * heads
@@ -358,9 +361,16 @@ def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrie
     # Without a backward to come (inference, decoding), the intermediates are not kept.
     keep_saved = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     options = (chunk_size, activation, residual, retrieve == "token", keep_saved)
-    y, *states = FusedChunkedScan.apply(
+    y, *states = function.apply(
         options, *(x.reshape(groups, seq_len, dim) for x in (q, k, v)), *(x.flatten(0, 1) for x in gates), *states
     )
     weights_out = [s[:, :, 0].unflatten(0, (batch, heads)).contiguous() for s in states]
     momentum_out = [s[:, :, 1].unflatten(0, (batch, heads)).contiguous() for s in states]
     return y.view(batch, heads, seq_len, dim), weights_out, momentum_out
+
+
+def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
+    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
+    return run_chunk_function(
+        FusedChunkedScan, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual
+    )
