@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/memory_scan.py [--batch 2 --heads 4 --seq-len 2048 --dim 64 ...]
 
+    .venv/bin/python benchmarks/memory_scan.py --ab cpp fused   # alternating A/B of two implementations
+
 Prints tokens/s (B*T tokens per forward+backward), achieved GFLOP/s from `scan_flops`, that as a
 fraction of the GFLOP/s of a large fp32 torch.matmul timed alternately with it in the same process
 with the same thread count, the peak memory of one step, and the speed-up over the token-by-token oracle
@@ -12,6 +14,7 @@ a few times.
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import statistics
 import time
@@ -117,6 +120,33 @@ def interleaved_gflops(step, step_flops, repeats, warmup, matmul_size=2048):
     return statistics.median(step_rates), statistics.median(matmul_rates), statistics.median(ratios)
 
 
+def alternating_ab(steps: dict, repeats: int, warmup: int):
+    """Median seconds of each step, timed in turns (A, B, A, B, ...), and the median of the per-turn
+    ratios first / other: each pair runs under about the same machine load."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(seconds(step))
+    first, *others = steps
+    ratios = {other: statistics.median(a / b for a, b in zip(times[first], times[other])) for other in others}
+    return {name: statistics.median(values) for name, values in times.items()}, ratios
+
+
+def print_ab(args, inputs, options):
+    names = args.ab
+    steps = {name: functools.partial(forward_backward, memory_scan, inputs, dict(options, implementation=name))
+             for name in names}
+    medians, ratios = alternating_ab(steps, args.repeats, args.warmup)
+    print(f"alternating A/B, forward+backward, threads={torch.get_num_threads()}, median of {args.repeats} turns:")
+    for name in names:
+        print(f"  {name:9s} {medians[name] * 1e3:9.1f} ms")
+    for other, ratio in ratios.items():
+        print(f"  {names[0]} / {other} time ratio {ratio:.3f} (median of per-turn ratios; < 1: {names[0]} is faster)")
+
+
 def max_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -132,7 +162,9 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--retrieve", choices=("token", "chunk"), default="token")
     parser.add_argument("--activation", choices=("silu", "gelu"), default="silu")
-    parser.add_argument("--implementation", choices=("fused", "autograd"), default="fused")
+    parser.add_argument("--implementation", choices=("fused", "autograd", "cpp"), default="fused")
+    parser.add_argument("--ab", nargs="+", choices=("fused", "autograd", "cpp"), metavar="IMPLEMENTATION",
+                        help="only an alternating A/B of these implementations (e.g. --ab cpp fused)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -152,6 +184,9 @@ def main():
     )
 
     inputs = make_inputs(args.batch, args.heads, args.seq_len, args.dim, widths)
+    if args.ab:
+        print_ab(args, inputs, options)
+        return
     # Peak memory first: ru_maxrss is a high-water mark, so the step must run before anything larger.
     rss_before = max_rss_mib()
     forward_backward(memory_scan, inputs, options)

@@ -109,23 +109,36 @@ def grid_id(case):
     return f"chunk{chunk_size}-T{seq_len}-depth{depth}-{retrieve}-{'residual' if residual else 'plain'}"
 
 
-def test_public_op_is_the_fused_chunked_kernel():
-    """memory_scan runs the fused chunk loop (its autograd node is in the graph), not the oracle."""
-    tensors, weights, momentum = make_inputs(9, 2, torch.float64, seed=3)
-    y, _ = memory_scan(*(x.requires_grad_() for x in tensors), weights, momentum, chunk_size=4)
-    seen, stack = set(), [y.grad_fn]
+def graph_nodes(output):
+    """Every autograd node from `output` back to the leaves."""
+    seen, stack = set(), [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    assert "FusedChunkedScanBackward" in {type(node).__name__ for node in seen}
+    return seen
+
+
+SCAN_NODES = {"fused": "FusedChunkedScanBackward", "cpp": "CppChunkedScanBackward"}
+
+
+@pytest.mark.parametrize("implementation, node", [("auto", "cpp"), ("fused", "fused"), ("cpp", "cpp")])
+def test_public_op_runs_the_chosen_chunked_kernel(implementation, node):
+    """memory_scan runs the chunk loop asked for (its autograd node is in the graph), not the oracle;
+    on CPU `auto` is the C++ kernel, which must build here (a failure to load fails the test)."""
+    tensors, weights, momentum = make_inputs(9, 2, torch.float64, seed=3)
+    y, _ = memory_scan(*(x.requires_grad_() for x in tensors), weights, momentum, chunk_size=4,
+                       implementation=implementation)
+    assert SCAN_NODES[node] in {type(seen).__name__ for seen in graph_nodes(y)}
 
 
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
-# The fused kernel (the default) on the whole grid in both dtypes; the autograd form in fp64.
-VARIANTS = [("fused", torch.float64), ("fused", torch.float32), ("autograd", torch.float64)]
+# The chunk kernels (cpp the CPU default, fused its reference) on the whole grid in both dtypes; the
+# autograd form in fp64.
+VARIANTS = [("cpp", torch.float64), ("cpp", torch.float32), ("fused", torch.float64), ("fused", torch.float32),
+            ("autograd", torch.float64)]
 
 
 @pytest.mark.parametrize(
@@ -159,7 +172,7 @@ def test_bf16_matches_fp64_oracle(case):
     )
 
 
-@pytest.mark.parametrize("implementation", ["fused", "autograd"])
+@pytest.mark.parametrize("implementation", ["cpp", "fused", "autograd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_saturated_gates_stay_finite(implementation, dtype):
     """alpha = 1 (forget everything) and eta = 0 (drop the momentum), exactly, at some tokens.
@@ -189,7 +202,7 @@ def test_saturated_gates_stay_finite(implementation, dtype):
 SPLIT_POINTS = [5, 10, 30]
 
 
-@pytest.mark.parametrize("implementation", ["fused", "autograd"])
+@pytest.mark.parametrize("implementation", ["cpp", "fused", "autograd"])
 @pytest.mark.parametrize("split", SPLIT_POINTS, ids=[f"split{s}" for s in SPLIT_POINTS])
 def test_split_and_continue_equals_whole(split, implementation):
     """Two calls chained through the returned state equal one call: values and every gradient.
@@ -302,10 +315,11 @@ def test_bad_input_raises_a_clear_error(problem):
         memory_scan(*tensors, **arguments)
 
 
-def test_inference_mode_gives_the_same_result():
-    """Without autograd the fused kernel keeps no intermediates; the values must not change."""
+@pytest.mark.parametrize("implementation", ["cpp", "fused"])
+def test_inference_mode_gives_the_same_result(implementation):
+    """Without autograd the chunk kernels keep no intermediates; the values must not change."""
     tensors, weights, momentum = make_inputs(13, 2, torch.float64, seed=21)
-    options = dict(chunk_size=4, retrieve="token")
+    options = dict(chunk_size=4, retrieve="token", implementation=implementation)
     y, (weights_out, momentum_out) = memory_scan(*tensors, weights, momentum, **options)
     with torch.no_grad():
         y_no_grad, (weights_no_grad, momentum_no_grad) = memory_scan(*tensors, weights, momentum, **options)
@@ -329,23 +343,15 @@ def test_mixed_dtypes_keep_each_output_in_its_input_dtype():
     assert relative_error(y, expected) <= BF16_TOLERANCE
 
 
-def test_fused_intermediates_go_through_saved_tensor_hooks():
+@pytest.mark.parametrize("implementation", ["cpp", "fused"])
+def test_chunk_kernel_intermediates_go_through_saved_tensor_hooks(implementation):
     """Activation checkpointing can only drop what passes through saved-tensor hooks: a tensor
     kept as an attribute of the autograd context would stay alive in a checkpointed layer."""
-    from torch.utils._pytree import tree_leaves
-
     tensors, weights, momentum = make_inputs(16, 2, torch.float64, seed=5)
     tensors = [x.requires_grad_() for x in tensors]
-    y, _ = memory_scan(*tensors, weights, momentum, chunk_size=4, retrieve="token")
-    nodes, seen, scan_nodes = [y.grad_fn], set(), []
-    while nodes:  # the graph from y back to the inputs; the fused Function's node is its ctx
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "FusedChunkedScanBackward":
-            scan_nodes.append(node)
-        nodes.extend(next_node for next_node, _ in node.next_functions)
+    y, _ = memory_scan(*tensors, weights, momentum, chunk_size=4, retrieve="token", implementation=implementation)
+    # The graph from y back to the inputs; the chunk Function's node is its ctx.
+    scan_nodes = [node for node in graph_nodes(y) if type(node).__name__ == SCAN_NODES[implementation]]
     assert len(scan_nodes) == 1
     (node,) = scan_nodes
     held = [leaf for value in vars(node).values() for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
@@ -353,9 +359,10 @@ def test_fused_intermediates_go_through_saved_tensor_hooks():
     assert len(node.saved_tensors) > 4  # the gates and every chunk's intermediates
 
 
-def test_checkpointed_fused_scan_gives_the_same_gradients():
+@pytest.mark.parametrize("implementation", ["cpp", "fused"])
+def test_checkpointed_chunk_kernel_gives_the_same_gradients(implementation):
     tensors, weights, momentum = make_inputs(13, 2, torch.float64, seed=8)
-    options = dict(chunk_size=4, retrieve="token")
+    options = dict(chunk_size=4, retrieve="token", implementation=implementation)
     plain = run_with_grads(memory_scan, tensors, weights, momentum, upstream_seed=3, **options)
 
     def checkpointed(*args, **kwargs):
@@ -376,3 +383,21 @@ def test_autocast_keeps_the_state_recurrence_in_fp32():
         autocast = memory_scan(*tensors, weights, momentum, chunk_size=5)
     for got, want in zip(tree_leaves(autocast), tree_leaves(plain)):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpp_equals_fused_when_the_groups_split_unevenly(dtype):
+    """The C++ kernel on 2 threads with G = B * H = 5 groups (one worker gets 3, the other 2) gives
+    fused's outputs and gradients bit for bit: the same ops per group, whatever the split. Both
+    hidden-layer layouts (output side narrower and wider) and a ragged last chunk are in the case."""
+    tensors, weights, momentum = make_inputs(23, 3, dtype, seed=31, batch=1, heads=5, dim=8)
+    options = dict(chunk_size=6, retrieve="token", activation="gelu", residual=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpp = run_with_grads(memory_scan, tensors, weights, momentum, 9, implementation="cpp", **options)
+    finally:
+        torch.set_num_threads(threads)
+    fused = run_with_grads(memory_scan, tensors, weights, momentum, 9, implementation="fused", **options)
+    for name, value in fused.items():
+        assert torch.equal(cpp[name], value), f"{name}: max difference {(cpp[name] - value).abs().max().item():.3g}"

@@ -128,7 +128,7 @@ def test_kernels_read_no_unwritten_memory(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["lmm", "mac"])
 def test_model_with_triton_memory_equals_the_reference(variant, monkeypatch):
-    """TitansLM with every memory_scan call on the Triton kernels: the fused reference's logits and gradients."""
+    """TitansLM with every memory_scan call on the Triton kernels: the CPU kernel's (cpp) logits and gradients."""
     from test_model import tiny_model, token_ids
 
     scan_module = importlib.import_module("titans_train.kernels.memory_scan.scan")
@@ -151,6 +151,6 @@ def test_model_with_triton_memory_equals_the_reference(variant, monkeypatch):
 
     monkeypatch.setattr(scan_module, "_resolve_implementation", triton_everywhere)
     actual = logits_and_grads()
-    assert calls and set(calls) == {"fused"}  # what auto would have picked on CPU
+    assert calls and set(calls) == {"cpp"}  # what auto would have picked on CPU
     for got, want in zip(actual, expected):
         assert relative_error(got, want) <= 1e-4

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import os
+import warnings
 
 import torch
 
 from .chunked import chunked_scan
+from .cpu import ExtensionBuildError, cpp_scan
+from .cpu import extension as cpp_extension
 from .fused import fused_scan
 from .mlp import ACTIVATIONS
 
 RETRIEVE_MODES = ("token", "chunk")
-IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan, "triton": None}  # triton: imported on use
-AUTO = "auto"  # triton on CUDA (where it supports the inputs), fused elsewhere
+IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan, "cpp": cpp_scan, "triton": None}  # triton: imported on use
+AUTO = "auto"  # triton on CUDA (where it supports the inputs), cpp on CPU (fused if it cannot load), fused elsewhere
 TRITON_DEPTHS = (1, 2)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -28,11 +31,25 @@ def _triton_scan():
     return triton_scan
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_loads() -> bool:
+    """Whether the C++ extension builds and loads; asked once per process, a failure warns once."""
+    try:
+        cpp_extension()
+    except ExtensionBuildError as error:
+        warnings.warn(f"{error}; memory_scan implementation='auto' runs 'fused' instead", stacklevel=3)
+        return False
+    return True
+
+
 def _resolve_implementation(implementation, tensors, depth):
-    """`auto`: triton for CUDA inputs it supports (depth 1-2, fp32/bf16/fp16), fused otherwise."""
+    """`auto`: triton for CUDA inputs it supports (depth 1-2, fp32/bf16/fp16), cpp for CPU tensors
+    (every dtype, computed in fp32 or fp64) when the extension loads, fused otherwise."""
     if implementation == AUTO:
         supported = depth in TRITON_DEPTHS and all(x.dtype in TRITON_DTYPES for x in tensors)
-        return "triton" if tensors[0].is_cuda and supported else "fused"
+        if tensors[0].is_cuda and supported:
+            return "triton"
+        return "cpp" if tensors[0].device.type == "cpu" and _cpp_loads() else "fused"
     return implementation
 
 

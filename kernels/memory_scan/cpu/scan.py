@@ -34,8 +34,8 @@ class CppChunkedScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, *grad_states):
         chunk_size, activation, residual, token_retrieval, _ = ctx.options
-        q, k, *gates = ctx.saved_tensors[:6]
-        saved = list(ctx.saved_tensors[6:])
+        q, k, *rest = ctx.saved_tensors  # read once: checkpointing's hooks unpack each tensor only once
+        gates, saved = rest[:4], rest[4:]
         # Own, writable buffers: the backward computes the state gradients in place.
         grad_states = [grad.clone(memory_format=torch.contiguous_format) for grad in grad_states]
         grads = extension().backward(
