@@ -25,5 +25,5 @@ for package, folder in PACKAGE_ROOTS.items():
 setup(
     packages=packages,
     package_dir=PACKAGE_ROOTS,
-    package_data={"": ["*.md", "*.yaml"], "titans_train.slurm.templates": ["*"]},
+    package_data={"": ["*.md", "*.yaml", "*.cpp"], "titans_train.slurm.templates": ["*"]},
 )

@@ -20,4 +20,15 @@ echo "[setup] installing titans-train into .venv (first run takes ~2 minutes)" >
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC" -e ".${extras}"
+# The C++ memory_scan kernel (kernels/memory_scan/cpu) compiles on first use; building it here
+# means neither the tests nor a first training step pays the ~1-2 minute compile.
+if ! command -v g++ >/dev/null 2>&1; then
+    echo "[setup] g++ not found: installing it with apt-get (the C++ memory_scan kernel needs it)" >&2
+    if ! { apt-get update -qq && apt-get install -y -qq g++; } >&2; then
+        echo "[setup] error: could not install g++; install a C++ compiler (apt-get install g++) and re-run" >&2
+        exit 1
+    fi
+fi
+echo "[setup] building the C++ memory_scan kernel into torch's extension cache" >&2
+.venv/bin/python -m titans_train.kernels.memory_scan.cpu --build >&2
 echo "$want" > "$stamp"

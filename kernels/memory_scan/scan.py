@@ -159,8 +159,10 @@ def memory_scan(
 
     Half-precision inputs are computed in fp32 (fp64 if any input is fp64), also under autocast;
     y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto"
-    (default: "triton" for CUDA inputs of depth 1-2 in fp32/bf16/fp16, "fused" otherwise), "fused" (a hand-written backward,
-    first-order gradients),
+    (default: "triton" for CUDA inputs of depth 1-2 in fp32/bf16/fp16, "cpp" for CPU tensors when its
+    extension loads, "fused" otherwise), "cpp" (kernels/memory_scan/cpu: fused's math compiled, parallel
+    over (batch, head) groups; raises ExtensionBuildError if it cannot be built), "fused" (a
+    hand-written backward, first-order gradients),
     "autograd" (the same closed form through autograd: slower, but differentiable to any order) or
     "triton" (kernels/memory_scan/triton: depth 1 or 2, first-order; q, k, v are read in their
     own dtype, everything is computed in fp32; on CPU only under TRITON_INTERPRET=1).
