@@ -16,7 +16,8 @@ from .fused import fused_scan
 from .mlp import ACTIVATIONS
 
 RETRIEVE_MODES = ("token", "chunk")
-IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan, "cpp": cpp_scan, "triton": None}  # triton: imported on use
+# triton: imported on use
+IMPLEMENTATIONS = {"fused": fused_scan, "autograd": chunked_scan, "cpp": cpp_scan, "triton": None}
 AUTO = "auto"  # triton on CUDA (where it supports the inputs), cpp on CPU (fused if it cannot load), fused elsewhere
 TRITON_DEPTHS = (1, 2)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -279,7 +279,8 @@ void forward_chunk(const std::vector<Tensor>& states, const std::vector<Tensor>&
     Tensor mixed = view.slot(saved.mixed_update[layer], slot);
     if (mix_outputs(state)) {
       at::mul_out(mixed, errors[layer].unsqueeze(-1), gates.state_rows.unsqueeze(-2));
-      next_state.view({groups, 2 * d_out, d_in}).baddbmm_(mT(mixed.view({groups, n, 2 * d_out})), layer_inputs[layer], 1, -1);
+      next_state.view({groups, 2 * d_out, d_in})
+          .baddbmm_(mT(mixed.view({groups, n, 2 * d_out})), layer_inputs[layer], 1, -1);
     } else {
       at::mul_out(mixed, gates.state_rows.unsqueeze(-1), layer_inputs[layer].unsqueeze(-2));
       next_state.view({groups, d_out, 2 * d_in}).baddbmm_(mT(errors[layer]), mixed.view({groups, n, 2 * d_in}), 1, -1);
@@ -330,7 +331,9 @@ void backward_chunk(const ChunkSaved& saved, const Tensor& grad_y, std::vector<T
     const Tensor& state = states[layer];
     Tensor grad = grad_states[layer];
     const int64_t d_out = state.size(1), d_in = state.size(3);
-    grad_state_decays += at::bmm(grad.view({-1, 2, d_in}), mT(state.reshape({-1, 2, d_in}))).view({groups, d_out, 2, 2}).sum(1);
+    // <grad_a, state_b> for a, b in {W, S}: (2 x d_in) @ (d_in x 2) per output row, summed.
+    grad_state_decays +=
+        at::bmm(grad.view({-1, 2, d_in}), mT(state.reshape({-1, 2, d_in}))).view({groups, d_out, 2, 2}).sum(1);
     Tensor grad_flat = grad.view({groups, d_out, 2 * d_in});
     const Tensor& layer_input = saved.layer_inputs[layer];
     const Tensor& mixed = saved.mixed_update[layer];
@@ -365,7 +368,8 @@ void backward_chunk(const ChunkSaved& saved, const Tensor& grad_y, std::vector<T
       const Tensor& mixed = saved.mixed_retrieval[layer];
       if (mix_outputs(state)) {
         grad_retrieval_decays += (mixed * grad_out.unsqueeze(-1)).sum(-2);
-        Tensor grad_mixed = (grad_out.unsqueeze(-1) * gates.retrieval_decays.unsqueeze(-2)).view({groups, n, 2 * d_out});
+        Tensor grad_mixed =
+            (grad_out.unsqueeze(-1) * gates.retrieval_decays.unsqueeze(-2)).view({groups, n, 2 * d_out});
         grad_states[layer].view({groups, 2 * d_out, d_in}).baddbmm_(mT(grad_mixed), hidden);
         grad_hidden = at::bmm(grad_mixed, state.view({groups, 2 * d_out, d_in}));
       } else {
@@ -499,7 +503,9 @@ std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const T
   const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(grad_states.size());
   const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
   const Saved saved = Saved::unflat(saved_flat, depth, token_retrieval);
-  for (const Tensor& grad : grad_states) TORCH_CHECK(grad.is_contiguous(), "memory_scan cpp: grad_states must be contiguous");
+  for (const Tensor& grad : grad_states) {
+    TORCH_CHECK(grad.is_contiguous(), "memory_scan cpp: grad_states must be contiguous");
+  }
   Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_k = at::empty_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_v = at::empty_like(q, at::MemoryFormat::Contiguous);
