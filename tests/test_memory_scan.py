@@ -256,13 +256,15 @@ def test_autograd_form_has_second_derivatives():
     assert torch.autograd.gradgradcheck(scan, inputs, fast_mode=True)
 
 
-def test_fused_backward_matches_finite_differences():
+@pytest.mark.parametrize("implementation", ["cpp", "fused"])
+def test_hand_written_backward_matches_finite_differences(implementation):
     """An oracle-independent check of the hand-written backward."""
     tensors, weights, momentum = make_inputs(7, 3, torch.float64, seed=4, batch=1, heads=2, dim=2)
     inputs = [x.clone().requires_grad_() for x in (*tensors, *weights, *momentum)]
 
     def scan(*inputs):
-        y, (w, s) = memory_scan(*inputs[:6], inputs[6:9], inputs[9:], chunk_size=3, activation="silu")
+        y, (w, s) = memory_scan(*inputs[:6], inputs[6:9], inputs[9:], chunk_size=3, activation="silu",
+                                implementation=implementation)
         return y, *w, *s
 
     assert torch.autograd.gradcheck(scan, inputs, fast_mode=True)
