@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -44,5 +42,8 @@ class CppChunkedScan(torch.autograd.Function):
         return (None, *grads)
 
 
-cpp_scan = functools.partial(run_chunk_function, CppChunkedScan)
-cpp_scan.__doc__ = "Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."
+def cpp_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
+    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
+    return run_chunk_function(
+        CppChunkedScan, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual
+    )
