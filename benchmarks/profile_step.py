@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import add_model_arguments, build_config, make_optimizer  # noqa: E402
 
 from titans_train.kernels.memory_scan import fused  # noqa: E402
+from titans_train.kernels.memory_scan.cpu import scan as cpp_scan_module  # noqa: E402
 from titans_train.model import VARIANTS, TitansLM  # noqa: E402
 from titans_train.model import memory as memory_module  # noqa: E402
 
 REGION_PREFIX = "region:"
+CHUNK_LOOPS = ((fused, "FusedChunkedScan"), (cpp_scan_module, "CppChunkedScan"))
 LAYER_INDEX = re.compile(r"^layers\.\d+(\.|$)")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 GRADIENT_ACCUMULATION = "backward: gradient accumulation"
@@ -70,8 +72,10 @@ def open_regions(model: torch.nn.Module) -> list:
 
 @contextlib.contextmanager
 def kernel_regions():
-    """memory_scan and its gate products as regions of their own, for the duration of the profile."""
-    scan, gates, chunk_loop = memory_module.memory_scan, fused.stacked_gates, fused.FusedChunkedScan
+    """memory_scan and its gate products as regions of their own, for the duration of the profile
+    (the chunk loop of both CPU kernels, `fused` and `cpp`: whichever `auto` runs)."""
+    scan, gates = memory_module.memory_scan, fused.stacked_gates
+    chunk_loops = {module: getattr(module, name) for module, name in CHUNK_LOOPS}
 
     def traced(function, name):
         def wrapper(*args, **kwargs):
@@ -79,16 +83,21 @@ def kernel_regions():
                 return function(*args, **kwargs)
         return wrapper
 
-    class TracedChunkLoop:
-        apply = staticmethod(traced(chunk_loop.apply, "memory_scan.kernel"))
+    def traced_loop(chunk_loop):
+        class TracedChunkLoop:
+            apply = staticmethod(traced(chunk_loop.apply, "memory_scan.kernel"))
+        return TracedChunkLoop
 
     memory_module.memory_scan = traced(scan, "memory_scan")
     fused.stacked_gates = traced(gates, "memory_scan.gates")
-    fused.FusedChunkedScan = TracedChunkLoop
+    for module, name in CHUNK_LOOPS:
+        setattr(module, name, traced_loop(chunk_loops[module]))
     try:
         yield
     finally:
-        memory_module.memory_scan, fused.stacked_gates, fused.FusedChunkedScan = scan, gates, chunk_loop
+        memory_module.memory_scan, fused.stacked_gates = scan, gates
+        for module, name in CHUNK_LOOPS:
+            setattr(module, name, chunk_loops[module])
 
 
 def training_step(model, optimizer, tokens) -> None:
