@@ -2,15 +2,21 @@
 
     .venv/bin/python benchmarks/model_step.py                # ~10M parameters, T=1024, batch 1
     .venv/bin/python benchmarks/model_step.py --variants transformer mac --steps 3
+    .venv/bin/python benchmarks/model_step.py --memory-implementations fused auto   # before/after a kernel
 
 Prints, per variant: parameters, median tokens/s over the measured steps (after warm-up), the
-ratio to the transformer baseline measured in the same process, and the achieved GFLOP/s from the
-analytic `flops_per_token`. Random tokens: throughput does not depend on the data.
+ratio to the transformer baseline measured in the same process, the achieved GFLOP/s from the
+analytic `flops_per_token` and its ratio to the transformer's. `--memory-implementations` times
+every memory variant once per memory_scan implementation (`auto` is what a run uses: the C++
+kernel on CPU), in the same process as the baseline. Random tokens: throughput does not depend on
+the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
 
@@ -18,7 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from titans_train.model import VARIANTS, TitansConfig, TitansLM, no_weight_decay
+from titans_train.model import memory as memory_module
 from titans_train.model.flops import flops_per_token
+
+MEMORY_FREE = ("transformer", "swa")
 
 
 def build_config(variant: str, args: argparse.Namespace) -> TitansConfig:
@@ -68,6 +77,17 @@ def step_times(model: TitansLM, args: argparse.Namespace) -> list[float]:
     return times[args.warmup:]
 
 
+@contextlib.contextmanager
+def memory_implementation(implementation: str):
+    """The model's memory layers call memory_scan with this `implementation`."""
+    scan = memory_module.memory_scan
+    memory_module.memory_scan = functools.partial(scan, implementation=implementation)
+    try:
+        yield
+    finally:
+        memory_module.memory_scan = scan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -75,26 +95,33 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory-implementations", nargs="+", default=["auto"],
+                        choices=("auto", "cpp", "fused", "autograd"),
+                        help="memory_scan implementations to time each memory variant with (default: auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["transformer"] + [v for v in args.variants if v != "transformer"]
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x T {args.seq_len}, "
           f"dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, chunk {args.chunk_size}, "
           f"segment {args.segment_len}, window {args.window}, {args.warmup} warm-up + {args.steps} steps")
-    print(f"{'variant':<12} {'params':>9} {'tokens/s':>9} {'vs transformer':>15} {'GFLOP/s':>8}  step times (s)")
+    print(f"{'variant':<18} {'params':>9} {'tokens/s':>9} {'vs transformer':>15} {'GFLOP/s':>8} "
+          f"{'GFLOP/s vs tr.':>15}  step times (s)")
     baseline = None
     for variant in variants:
-        torch.manual_seed(0)
-        config = build_config(variant, args)
-        model = TitansLM(config)
-        n_params = sum(p.numel() for p in model.parameters())
-        times = step_times(model, args)
-        tokens_per_s = args.batch * args.seq_len / statistics.median(times)
-        baseline = baseline or tokens_per_s
-        gflops = tokens_per_s * flops_per_token(config, args.seq_len) / 1e9
-        print(f"{variant:<12} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {tokens_per_s / baseline:>15.2f} "
-              f"{gflops:>8.1f}  {' '.join(f'{t:.2f}' for t in times)}", flush=True)
-
+        implementations = [None] if variant in MEMORY_FREE else args.memory_implementations
+        for implementation in implementations:
+            torch.manual_seed(0)
+            config = build_config(variant, args)
+            model = TitansLM(config)
+            n_params = sum(p.numel() for p in model.parameters())
+            with memory_implementation(implementation) if implementation else contextlib.nullcontext():
+                times = step_times(model, args)
+            tokens_per_s = args.batch * args.seq_len / statistics.median(times)
+            gflops = tokens_per_s * flops_per_token(config, args.seq_len) / 1e9
+            baseline = baseline or (tokens_per_s, gflops)
+            name = f"{variant}[{implementation}]" if implementation else variant
+            print(f"{name:<18} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {tokens_per_s / baseline[0]:>15.2f} "
+                  f"{gflops:>8.1f} {gflops / baseline[1]:>15.2f}  {' '.join(f'{t:.2f}' for t in times)}", flush=True)
 
 if __name__ == "__main__":
     main()
