@@ -21,14 +21,26 @@ extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC" -e ".${extras}"
 # The C++ memory_scan kernel (kernels/memory_scan/cpu) compiles on first use; building it here
-# means neither the tests nor a first training step pays the ~1-2 minute compile.
-if ! command -v g++ >/dev/null 2>&1; then
-    echo "[setup] g++ not found: installing it with apt-get (the C++ memory_scan kernel needs it)" >&2
-    if ! { apt-get update -qq && apt-get install -y -qq g++; } >&2; then
-        echo "[setup] error: could not install g++; install a C++ compiler (apt-get install g++) and re-run" >&2
+# means neither the tests nor a first training step pays the ~1-2 minute compile. Without it CPU
+# runs fall back to the PyTorch kernel (slower, same numbers, one warning), so only CI (where the
+# tests check that the compiled kernel runs) stops here.
+cpp_kernel_missing() {
+    if [ "${CI:-}" = "true" ]; then
+        echo "[setup] error: $1; CI needs the C++ memory_scan kernel" >&2
         exit 1
     fi
+    echo "[setup] warning: $1; CPU runs will use the slower PyTorch memory_scan kernel" >&2
+}
+if ! command -v g++ >/dev/null 2>&1; then
+    echo "[setup] g++ not found: installing it with apt-get (the C++ memory_scan kernel needs it)" >&2
+    { apt-get update -qq && apt-get install -y -qq g++; } >&2 ||
+        echo "[setup] could not install g++ with apt-get (install a C++ compiler and re-run scripts/setup.sh)" >&2
 fi
-echo "[setup] building the C++ memory_scan kernel into torch's extension cache" >&2
-.venv/bin/python -m titans_train.kernels.memory_scan.cpu --build >&2
+if command -v g++ >/dev/null 2>&1; then
+    echo "[setup] building the C++ memory_scan kernel into torch's extension cache" >&2
+    .venv/bin/python -m titans_train.kernels.memory_scan.cpu --build >&2 ||
+        cpp_kernel_missing "the C++ memory_scan kernel did not build (its error is above)"
+else
+    cpp_kernel_missing "no C++ compiler"
+fi
 echo "$want" > "$stamp"
