@@ -89,9 +89,11 @@ def check_plain_layouts(layouts):
                                                return_telemetry=True).telemetry
             layout = f"tp={tp} sp={sp} dp={context.layout.dp}" + " ckpt" * activation_checkpointing
             # Gate means are means over heads and tokens: the replica's, whatever the layout. The
-            # update norm is per span under sp (replica_telemetry), comparable only at sp = 1.
+            # update norm and the store gains are per span under sp (replica_telemetry),
+            # comparable only at sp = 1.
+            per_span = ("update_norm", "store_gain", "store_gain_shuffled")
             comparable = [key for key in expected_telemetry
-                          if context.sp_size == 1 or not key.endswith("update_norm")]
+                          if context.sp_size == 1 or key.rsplit(".", 1)[1] not in per_span]
             records.append(dict(layout=layout, variant=variant,
                                 loss_error=max(relative_error(step.loss, expected_loss.detach()),
                                                relative_error(evaluation.loss, expected_loss.detach())),

@@ -169,7 +169,8 @@ def test_zero_stages_and_tp_sp_on_two_ranks_follow_one_rank_and_bf16_learns(tmp_
         _assert_close(norms, reference_norms, f"train/grad_norm, {layout} on 2 ranks vs 1")
     for run in ("telemetry zero3", "telemetry sp-zero3-bf16"):
         assert two[0][run] == [f"telemetry/layer{layer}/{name}" for layer in range(2)
-                               for name in ("alpha", "eta", "theta", "update_norm")], run
+                               for name in ("alpha", "eta", "store_gain", "store_gain_shuffled", "theta",
+                                            "update_norm")], run
     for run in ("bf16", "sp-zero3-bf16"):
         bf16 = two[0][run]
         assert all(map(math.isfinite, bf16)), (run, bf16)

@@ -205,7 +205,7 @@ def table(summary: dict) -> str:
     lengths = sorted({int(length) for r in runs for acc in r.get("niah", {}).values() for length in acc})
     columns = [f"niah {h[:3]} {length}" for h in summary["haystacks"] for length in lengths]
     columns += [f"mqar {length}" for length in lengths]
-    gates = ("theta", "eta", "alpha", "update_norm")
+    gates = ("theta", "eta", "alpha", "update_norm", "store_gain", "store_gain_shuffled")
     kinds = sorted({kind for r in runs for kind in r.get("answer_loss", {})})
     header = ["run", "params", "tokens", "status", "val loss", *[f"first {task}" for task in RETRIEVAL_TASKS], *columns,
               *[f"answer loss {kind}" for kind in kinds], *gates]

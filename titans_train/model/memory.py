@@ -184,7 +184,8 @@ class NeuralMemory(nn.Module):
             new_state[name] = values[:, :, tail]
         new_state.update(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
         if stats is not None:  # keyed by call: a dict survives module hooks that rebuild lists (ZeRO-3)
-            stats[len(stats)] = _memory_stats(theta, eta, alpha, incoming_weights, weights)
+            stats[len(stats)] = _memory_stats(theta, eta, alpha, incoming_weights, weights, self.retrieve,
+                                              k_all[:, :, :closed], v_all[:, :, :closed])
         return y, new_state
 
 
@@ -194,8 +195,41 @@ def _prepend(open_part: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _memory_stats(theta, eta, alpha, weights_before, weights_after) -> dict[str, torch.Tensor]:
+def _memory_stats(theta, eta, alpha, weights_before, weights_after, retrieve, keys, values) -> dict[str, torch.Tensor]:
+    """The call's gate means, the change of the memory weights and how much the change stored.
+
+    `weights_before`/`weights_after` are the weights entering the call and after its closed
+    blocks; `keys`, `values` (B, Hm, N, d) the N pairs those blocks stored (the re-run open block
+    included); `retrieve(weights, keys)` the memory MLP.
+    """
     squared_change = sum((after - before).pow(2).sum(dim=(-2, -1))
                          for before, after in zip(weights_before, weights_after))  # (B, Hm)
     return {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean(),
-            "update_norm": squared_change.sqrt().mean()}
+            "update_norm": squared_change.sqrt().mean(),
+            **_store_gains(retrieve, weights_before, weights_after, keys, values)}
+
+
+def _store_gains(retrieve, weights_before, weights_after, keys, values) -> dict[str, torch.Tensor]:
+    """store_gain = 1 - l(W_after) / l(W_before), l the associative loss 1/2 ||M_W(k_i) - v_i||^2
+    summed over the stored pairs, per sample and head, then averaged (so that the mean over tp
+    ranks, which hold equal numbers of heads, is the replica's). store_gain_shuffled: the same
+    with each key paired to the value stored N/2 tokens away, the control: drifting towards the
+    mean value lowers both losses, storing the pairs lowers the true pairs' more. Both 0 when the
+    call closed no block (N = 0: nothing stored). Computed in fp32 at least.
+    """
+    dtype = torch.promote_types(keys.dtype, torch.float32)  # bf16 losses would round the ratio
+    if keys.shape[2] == 0:
+        return {"store_gain": keys.new_zeros((), dtype=dtype), "store_gain_shuffled": keys.new_zeros((), dtype=dtype)}
+    keys, values = keys.to(dtype), values.to(dtype)
+    # Both in one memory layout (W^0 arrives broadcast over the batch), so that unmoved weights
+    # give bit-identical predictions: a memory that does not write gains exactly 0.
+    before = retrieve(tuple(w.to(dtype).contiguous() for w in weights_before), keys)  # (B, Hm, N, d)
+    after = retrieve(tuple(w.to(dtype).contiguous() for w in weights_after), keys)
+    gains = {}
+    for name, targets in (("store_gain", values), ("store_gain_shuffled", values.roll(keys.shape[2] // 2, dims=2))):
+        loss_before = 0.5 * (before - targets).pow(2).sum(dim=(-2, -1))  # (B, Hm)
+        loss_after = 0.5 * (after - targets).pow(2).sum(dim=(-2, -1))
+        # A memory that already recalls every pair exactly (loss 0 before) gains nothing.
+        ratio = torch.where(loss_before > 0, loss_after / loss_before.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+        gains[name] = (1 - ratio).mean()
+    return gains
