@@ -18,7 +18,7 @@ GAINS = ("store_gain", "store_gain_shuffled")
 
 
 def _memory(**overrides):
-    """Layer 0's NeuralMemory of a tiny fp64 LMM (chunk 3: the block) and its model."""
+    """Layer 0's NeuralMemory of a tiny fp64 LMM (chunk 3: its block)."""
     model = tiny_model("lmm", **overrides)
     return model.layers[0].mixer.memory
 
