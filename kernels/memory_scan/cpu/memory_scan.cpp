@@ -111,35 +111,37 @@ struct Saved {
   std::vector<Tensor> grams;                      // token: L x (nc, G, n, n): h a^T
   std::vector<Tensor> scores;                     // token: L x (nc, G, n, n): C theta * h a^T
 
+  using Kind = std::vector<Tensor> Saved::*;
+  // Every kind, in the order flat() stores them.
+  static constexpr Kind kKinds[] = {&Saved::states,       &Saved::layer_inputs,  &Saved::pre_activations,
+                                    &Saved::carried,      &Saved::errors,        &Saved::retrieval_inputs,
+                                    &Saved::retrieval_pre_activations,           &Saved::mixed_update,
+                                    &Saved::mixed_retrieval, &Saved::grams,      &Saved::scores};
+
+  // How many tensors of `kind` a memory of `depth` layers saves (see the layouts above).
+  static int64_t count(Kind kind, int64_t depth, bool token_retrieval) {
+    if (kind == &Saved::states || kind == &Saved::errors || kind == &Saved::mixed_update) return depth;
+    if (kind == &Saved::mixed_retrieval || kind == &Saved::grams || kind == &Saved::scores) {
+      return token_retrieval ? depth : 0;
+    }
+    return depth - 1;
+  }
+
   std::vector<Tensor> flat() const {
     std::vector<Tensor> out;
-    for (const auto* kind : {&states, &layer_inputs, &pre_activations, &carried, &errors, &retrieval_inputs,
-                             &retrieval_pre_activations, &mixed_update, &mixed_retrieval, &grams, &scores}) {
-      out.insert(out.end(), kind->begin(), kind->end());
-    }
+    for (Kind kind : kKinds) out.insert(out.end(), (this->*kind).begin(), (this->*kind).end());
     return out;
   }
 
   static Saved unflat(const std::vector<Tensor>& flat, int64_t depth, bool token_retrieval) {
     Saved saved;
     size_t next = 0;
-    auto take = [&](std::vector<Tensor>& kind, int64_t count) {
+    for (Kind kind : kKinds) {
+      const int64_t count = Saved::count(kind, depth, token_retrieval);
       TORCH_CHECK(next + count <= flat.size(), "memory_scan cpp: too few saved tensors");
-      kind.assign(flat.begin() + next, flat.begin() + next + count);
+      (saved.*kind).assign(flat.begin() + next, flat.begin() + next + count);
       next += count;
-    };
-    int64_t hidden = depth - 1, token = token_retrieval ? depth : 0;
-    take(saved.states, depth);
-    take(saved.layer_inputs, hidden);
-    take(saved.pre_activations, hidden);
-    take(saved.carried, hidden);
-    take(saved.errors, depth);
-    take(saved.retrieval_inputs, hidden);
-    take(saved.retrieval_pre_activations, hidden);
-    take(saved.mixed_update, depth);
-    take(saved.mixed_retrieval, token);
-    take(saved.grams, token);
-    take(saved.scores, token);
+    }
     TORCH_CHECK(next == flat.size(), "memory_scan cpp: too many saved tensors");
     return saved;
   }
@@ -289,10 +291,8 @@ void forward_chunk(const std::vector<Tensor>& states, const std::vector<Tensor>&
 }
 
 // The per-chunk views of the saved intermediates that fused._backward_chunk reads.
-struct ChunkSaved {
-  std::vector<Tensor> states, layer_inputs, pre_activations, carried, errors, retrieval_inputs,
-      retrieval_pre_activations, mixed_update, mixed_retrieval, grams, scores;
-
+// Its layer_inputs and retrieval_inputs start with k and q (a_0, h_0), which are not saved apart.
+struct ChunkSaved : Saved {
   ChunkSaved(const Saved& saved, const ChunkView& view, const Tensor& q, const Tensor& k) {
     const int64_t c = view.chunk;
     auto slots = [&](const std::vector<Tensor>& kind, std::vector<Tensor>& out) {
