@@ -43,7 +43,7 @@ from titans_train.study.collect import write_atomic
 
 KINDS = ("niah", "mqar", "copy")
 KIND_WEIGHTS = (0.4, 0.4, 0.2)
-MQAR_LEVELS = (  # (key alphabet, value digits)
+MQAR_LEVELS = (  # each level's key alphabet; its values' digits are MQAR_VALUE_DIGITS
     tuple(string.ascii_lowercase[:8]),
     tuple(string.ascii_lowercase),
     tuple("".join(pair) for pair in itertools.product(string.ascii_lowercase, repeat=2)),
