@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from titans_train.errors import UserError
 
 PORT_BASE = 20000
-PORT_RANGE = 20000  # ports 20000..39999: above the well-known range, below Linux's ephemeral range
+PORT_RANGE = 12000  # ports 20000..31999: above the well-known range, below Linux's ephemeral range (32768..)
 
 
 class SlurmEnvironmentError(UserError):

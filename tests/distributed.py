@@ -1,8 +1,13 @@
 """Run a function in several real processes on the gloo backend, for multi-process tests.
 
 `run_distributed(target, world_size, timeout_s, **kwargs)` starts `world_size` fresh processes
-(spawn), gives each the torch.distributed environment of one rank (free port, gloo, OMP threads 1),
-calls `target(**kwargs)` in each and returns the per-rank return values, ordered by rank.
+(spawn), gives each the torch.distributed environment of one rank (gloo, OMP threads 1), calls
+`target(**kwargs)` in each and returns the per-rank return values, ordered by rank.
+
+The rendezvous store is hosted by the launching process, as torchrun's agent hosts it: the parent
+binds a TCPStore to a port the OS picks and keeps it bound, and the ranks join it as clients
+(TORCHELASTIC_USE_AGENT_STORE). A port chosen free and then handed to rank 0 to bind could be taken
+in between by another test process (two pytest workers run launches side by side).
 
 Failure handling is the point of this module: the first child that raises makes the parent kill
 every other child (which would otherwise wait forever in a collective) and re-raise with the
@@ -19,7 +24,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -32,13 +36,6 @@ class DistributedTestError(RuntimeError):
 
 class DistributedTimeout(RuntimeError):
     """The launch did not finish in time (usually a deadlock in a collective)."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def resolve_target(target: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -78,6 +75,7 @@ def _child_main(
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the parent's store; rank 0 does not start one
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -127,9 +125,12 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    port = store.port
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = context.Queue()
-    port = free_port()
     processes = [
         context.Process(
             target=_child_main,
@@ -170,4 +171,5 @@ def run_distributed(
             process.join(timeout=max(deadline - time.monotonic(), 1.0))
     finally:
         _kill_all(processes)
+        del store
     return [values[rank] for rank in range(world_size)]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_ports
+
 NODES = ("ttnode1", "ttnode2")
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
@@ -88,17 +90,6 @@ class SlurmCluster:
                 process.kill()
         _remove_hosts_line()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _ensure_packages() -> str | None:
@@ -186,7 +177,7 @@ def start_cluster() -> SlurmCluster:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     munge_socket = munge_dir / "munge.socket"
-    ctld_port, *node_ports = _free_ports(1 + len(NODES))
+    ctld_port, *node_ports = free_ports(1 + len(NODES))
     conf = root / "slurm.conf"
     conf.write_text(_slurm_conf(root, ctld_port, node_ports, munge_socket))
     cluster = SlurmCluster(root, {"SLURM_CONF": str(conf)})

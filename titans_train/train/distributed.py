@@ -9,17 +9,10 @@ groups of a layout come from `titans_train.parallel.ParallelContext`, for every 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
 from titans_train.slurm.environment import apply_to_environment as apply_slurm_environment
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def choose_backend(configured: str = "auto") -> str:
@@ -48,8 +41,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600) -> None:
     prepare_deepspeed_environment()
     apply_slurm_environment()  # a task of `srun` (one per GPU): RANK etc. from SLURM's variables
     if "RANK" not in os.environ:  # a plain `python`/`titans-train` process: a world of one
+        # Port 0: the store binds a port the OS picks, so no other process can take it first
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     import deepspeed
     import deepspeed.ops
 
