@@ -6,12 +6,12 @@
 The step is `model_step.py`'s (forward, cross-entropy, backward, AdamW; same model flags and
 defaults, ~10M parameters), profiled with torch.profiler after warm-up. Regions: every submodule's
 forward runs inside a `record_function` named by its path with the layer index dropped (the layers
-add up), and the memory kernel is split into `memory_scan.gates` (the gate products, `stacked_gates`)
-and `memory_scan.kernel` (the chunk loop). Each op's self time goes to the innermost region open when
-it ran, so a module's own row is what it does outside its submodules (for a mixer: segment handling
-and state plumbing). A backward op goes to the region of the forward op that made its autograd node
-(matched by sequence number); gradient accumulation into parameters and the engine's own time get
-rows of their own. Shares are of the profiled steps' total op time; the profiler's per-op overhead
+add up), and the memory kernel is split into `memory_scan.gates` (the gate products: `stacked_gates`,
+or `cpp_stacked_gates` for `cpp`) and `memory_scan.kernel` (the chunk loop). Each op's self time
+goes to the innermost region open when it ran, so a module's own row is what it does outside its
+submodules (for a mixer: segment handling and state plumbing). A backward op goes to the region of
+the forward op that made its autograd node (matched by sequence number); gradient accumulation into
+parameters and the engine's own time get rows of their own. Shares are of the profiled steps' total op time; the profiler's per-op overhead
 inflates regions made of many small ops, so compare shares between runs of this script, not with
 model_step.py's wall-clock times.
 """
@@ -39,6 +39,7 @@ from titans_train.model import memory as memory_module  # noqa: E402
 
 REGION_PREFIX = "region:"
 CHUNK_LOOPS = ((fused, "FusedChunkedScan"), (cpp_scan_module, "CppChunkedScan"))
+GATE_PRODUCTS = ((fused, "stacked_gates"), (cpp_scan_module, "cpp_stacked_gates"))
 LAYER_INDEX = re.compile(r"^layers\.\d+(\.|$)")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 GRADIENT_ACCUMULATION = "backward: gradient accumulation"
@@ -73,9 +74,10 @@ def open_regions(model: torch.nn.Module) -> list:
 @contextlib.contextmanager
 def kernel_regions():
     """memory_scan and its gate products as regions of their own, for the duration of the profile
-    (the chunk loop of both CPU kernels, `fused` and `cpp`: whichever `auto` runs)."""
-    scan, gates = memory_module.memory_scan, fused.stacked_gates
+    (the chunk loop and gate products of both CPU kernels, `fused` and `cpp`: whichever `auto` runs)."""
+    scan = memory_module.memory_scan
     chunk_loops = {module: getattr(module, name) for module, name in CHUNK_LOOPS}
+    gate_products = {module: getattr(module, name) for module, name in GATE_PRODUCTS}
 
     def traced(function, name):
         def wrapper(*args, **kwargs):
@@ -89,13 +91,16 @@ def kernel_regions():
         return TracedChunkLoop
 
     memory_module.memory_scan = traced(scan, "memory_scan")
-    fused.stacked_gates = traced(gates, "memory_scan.gates")
+    for module, name in GATE_PRODUCTS:
+        setattr(module, name, traced(gate_products[module], "memory_scan.gates"))
     for module, name in CHUNK_LOOPS:
         setattr(module, name, traced_loop(chunk_loops[module]))
     try:
         yield
     finally:
-        memory_module.memory_scan, fused.stacked_gates = scan, gates
+        memory_module.memory_scan = scan
+        for module, name in GATE_PRODUCTS:
+            setattr(module, name, gate_products[module])
         for module, name in CHUNK_LOOPS:
             setattr(module, name, chunk_loops[module])
 

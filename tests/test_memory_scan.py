@@ -388,10 +388,15 @@ def test_autocast_keeps_the_state_recurrence_in_fp32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_cpp_equals_fused_when_the_groups_split_unevenly(dtype):
-    """The C++ kernel on 2 threads with G = B * H = 5 groups (one worker gets 3, the other 2) gives
+def test_cpp_equals_fused_when_the_groups_split_unevenly(dtype, monkeypatch):
+    """The C++ chunk loop on 2 threads with G = B * H = 5 groups (one worker gets 3, the other 2) gives
     fused's outputs and gradients bit for bit: the same ops per group, whatever the split. Both
-    hidden-layer layouts (output side narrower and wider) and a ragged last chunk are in the case."""
+    hidden-layer layouts (output side narrower and wider) and a ragged last chunk are in the case.
+    fused runs with the C++ gate products here (which equal stacked_gates' to rounding only:
+    tests/test_memory_scan_gates.py), so the chunk loops are compared alone."""
+    from titans_train.kernels.memory_scan import fused as fused_module
+    from titans_train.kernels.memory_scan.cpu import cpp_stacked_gates
+
     tensors, weights, momentum = make_inputs(23, 3, dtype, seed=31, batch=1, heads=5, dim=8)
     options = dict(chunk_size=6, retrieve="token", activation="gelu", residual=False)
     threads = torch.get_num_threads()
@@ -400,6 +405,7 @@ def test_cpp_equals_fused_when_the_groups_split_unevenly(dtype):
         cpp = run_with_grads(memory_scan, tensors, weights, momentum, 9, implementation="cpp", **options)
     finally:
         torch.set_num_threads(threads)
+    monkeypatch.setattr(fused_module, "stacked_gates", cpp_stacked_gates)
     fused = run_with_grads(memory_scan, tensors, weights, momentum, 9, implementation="fused", **options)
     for name, value in fused.items():
         assert torch.equal(cpp[name], value), f"{name}: max difference {(cpp[name] - value).abs().max().item():.3g}"

@@ -348,13 +348,14 @@ def stacked_gates(theta, eta, alpha, chunk_size):
     return ChunkGates(retrieval_decays, decays.update_scores, state_decays, state_rows)
 
 
-def run_chunk_function(function, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation,
-                       residual):
+def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
+                       activation, residual):
     """Runs a chunk-loop autograd.Function taking (options, q, k, v, gates, *states) in this module's layout:
     q, k, v (G, T, d), `ChunkGates` with a chunk dim after G, states L x (G, d_out, 2, d_in), and
-    options (chunk_size, activation, residual, token_retrieval, keep_saved). Shapes as `memory_scan`."""
+    options (chunk_size, activation, residual, token_retrieval, keep_saved). `gate_products` computes
+    the gates as `stacked_gates` does (same signature and values). Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
-    gates = stacked_gates(theta, eta, alpha, chunk_size)
+    gates = gate_products(theta, eta, alpha, chunk_size)
     groups = batch * heads
     states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
@@ -372,5 +373,6 @@ def run_chunk_function(function, q, k, v, theta, eta, alpha, weights, momentum, 
 def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     return run_chunk_function(
-        FusedChunkedScan, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual
+        FusedChunkedScan, stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
+        activation, residual,
     )

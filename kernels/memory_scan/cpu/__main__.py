@@ -14,10 +14,10 @@ def main() -> int:
     args = parser.parse_args()
     if not args.build:
         parser.error("nothing to do: pass --build")
-    from .build import SOURCE, ExtensionBuildError, extension
+    from .build import SOURCES, ExtensionBuildError, extension
 
-    print(f"[memory_scan cpu] building {SOURCE.name} into torch's extension cache (about a minute the first time)",
-          flush=True)
+    names = " and ".join(source.name for source in SOURCES)
+    print(f"[memory_scan cpu] building {names} into torch's extension cache (about a minute the first time)", flush=True)
     started = time.perf_counter()
     try:
         module = extension(verbose=args.verbose)

@@ -1,4 +1,4 @@
-"""Compiles `memory_scan.cpp` on first use with torch's JIT extension builder.
+"""Compiles `memory_scan.cpp` and `gates.cpp` (one extension) on first use with torch's JIT extension builder.
 
 The build directory is torch's extension cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), shared by every process of a user: torch's file lock lets concurrent
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import pathlib
 
-SOURCE = pathlib.Path(__file__).with_name("memory_scan.cpp")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("memory_scan.cpp", "gates.cpp"))
 NAME = "titans_memory_scan_cpu"
 # -fopenmp: at::parallel_for is a header template, parallel only when compiled with OpenMP; the
 # runtime it links (libgomp.so.1) is the one torch has already loaded. No -march=native: the build
@@ -26,17 +26,19 @@ class ExtensionBuildError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def extension(verbose: bool = False):
-    """The loaded extension module (`forward`, `backward`); compiled on the first call per source version."""
+    """The loaded extension module (`forward`, `backward`, `gates_forward`, `gates_backward`); compiled on the
+    first call per source version."""
     from torch.utils import cpp_extension
 
     try:
         return cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=verbose
+            name=NAME, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            verbose=verbose,
         )
     except (RuntimeError, OSError, ImportError) as error:
         detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ExtensionBuildError(
-            f"cannot build the memory_scan C++ extension from {SOURCE} ({detail}); it needs g++ and ninja "
-            "(apt-get install g++; pip install ninja) - run `python -m titans_train.kernels.memory_scan.cpu --build` "
+            f"cannot build the memory_scan C++ extension from {' and '.join(str(s) for s in SOURCES)} ({detail}); "
+            "it needs g++ and ninja (apt-get install g++; pip install ninja) - run `python -m titans_train.kernels.memory_scan.cpu --build` "
             "to see the compiler output"
         ) from error

@@ -531,7 +531,10 @@ std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const T
 
 }  // namespace
 
+void define_gate_ops(pybind11::module_& module);  // gates.cpp: the gate products, one extension with this file
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &scan_forward, "memory_scan chunk loop, forward (fused.py's math), parallel over groups");
   module.def("backward", &scan_backward, "memory_scan chunk loop, backward (fused.py's math), parallel over groups");
+  define_gate_ops(module);
 }

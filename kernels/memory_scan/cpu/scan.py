@@ -1,12 +1,41 @@
-"""The C++ chunk loop as an autograd.Function: fused.py's structure and layout, the loop in `memory_scan.cpp`."""
+"""The C++ chunk loop and gate products as autograd.Functions: fused.py's structure and layout, the
+loop in `memory_scan.cpp`, `stacked_gates` in `gates.cpp`."""
 
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..fused import run_chunk_function
+from ..fused import ChunkGates, run_chunk_function
 from .build import extension
+
+
+class CppStackedGates(torch.autograd.Function):
+    """`fused.stacked_gates` for G = B * H groups: theta, eta, alpha (G, T) -> retrieval_decays (G, nc, n, 2),
+    update_scores (G, nc, n, n), state_decays (G, nc, 3), state_rows (G, nc, n, 2), n = chunk_size.
+
+    Only the gates are saved: the backward recomputes the products (O(n^2) per chunk, gates.cpp).
+    """
+
+    @staticmethod
+    def forward(ctx, chunk_size, theta, eta, alpha):
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(theta, eta, alpha)
+        return tuple(extension().gates_forward(theta, eta, alpha, chunk_size))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_gates):
+        theta, eta, alpha = ctx.saved_tensors
+        return (None, *extension().gates_backward(theta, eta, alpha, *grad_gates, ctx.chunk_size))
+
+
+def cpp_stacked_gates(theta, eta, alpha, chunk_size):
+    """`fused.stacked_gates` in one C++ op and one backward: gates (B, H, T) -> `ChunkGates` of (B, H, nc, ...)
+    tensors, the same layout, padding and values (up to rounding: the sums run in another order)."""
+    batch, heads, _ = theta.shape
+    gates = CppStackedGates.apply(chunk_size, *(x.flatten(0, 1) for x in (theta, eta, alpha)))
+    return ChunkGates(*(x.unflatten(0, (batch, heads)) for x in gates))
 
 
 class CppChunkedScan(torch.autograd.Function):
@@ -45,5 +74,6 @@ class CppChunkedScan(torch.autograd.Function):
 def cpp_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     return run_chunk_function(
-        CppChunkedScan, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual
+        CppChunkedScan, cpp_stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
+        activation, residual,
     )
