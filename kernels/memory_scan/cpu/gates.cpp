@@ -34,6 +34,7 @@ using at::Tensor;
 // reused for every chunk it computes).
 template <typename scalar_t>
 struct ChunkProducts {
+  using value_type = scalar_t;
   int64_t n;
   std::vector<scalar_t> theta, eta, keep;                              // (n): theta_t, eta_t, a_t
   std::vector<scalar_t> weight_decay, momentum_decay, momentum_carry;  // (n): A_t, P_t, E_t
@@ -76,75 +77,84 @@ struct ChunkProducts {
   }
 };
 
-// Writes one chunk's four outputs (this chunk's rows of the layouts above); len real tokens.
+// The four gate tensors of the layouts above (the outputs, or their gradients) from one chunk on.
+template <typename pointer>
+struct GatePointers {
+  pointer retrieval_decays, update_scores, state_decays, state_rows;
+
+  // At chunk `index` (group * nc + chunk) of n tokens.
+  GatePointers at(int64_t index, int64_t n) const {
+    return {retrieval_decays + index * n * 2, update_scores + index * n * n, state_decays + index * 3,
+            state_rows + index * n * 2};
+  }
+};
+
+// Writes one chunk's four outputs; len real tokens.
 template <typename scalar_t>
-void write_gates(const ChunkProducts<scalar_t>& chunk, int64_t len, scalar_t* retrieval_decays,
-                 scalar_t* update_scores, scalar_t* state_decays, scalar_t* state_rows) {
+void write_gates(const ChunkProducts<scalar_t>& chunk, int64_t len, const GatePointers<scalar_t*>& out) {
   const int64_t n = chunk.n, last = len - 1;
   for (int64_t t = 0; t < n; ++t) {
-    retrieval_decays[2 * t] = chunk.weight_decay[t];
-    retrieval_decays[2 * t + 1] = chunk.momentum_carry[t];
+    out.retrieval_decays[2 * t] = chunk.weight_decay[t];
+    out.retrieval_decays[2 * t + 1] = chunk.momentum_carry[t];
     const scalar_t* product = chunk.decay_product.data() + t * n;
-    scalar_t* scores = update_scores + t * n;
+    scalar_t* scores = out.update_scores + t * n;
     for (int64_t i = 0; i <= t; ++i) scores[i] = product[i] * chunk.theta[i];
     for (int64_t i = t + 1; i < n; ++i) scores[i] = 0;
   }
-  state_decays[0] = chunk.weight_decay[last];
-  state_decays[1] = chunk.momentum_carry[last];
-  state_decays[2] = chunk.momentum_decay[last];
-  const scalar_t* last_scores = update_scores + last * n;
+  out.state_decays[0] = chunk.weight_decay[last];
+  out.state_decays[1] = chunk.momentum_carry[last];
+  out.state_decays[2] = chunk.momentum_decay[last];
+  const scalar_t* last_scores = out.update_scores + last * n;
   const scalar_t* last_decay = chunk.decay_eta.data() + last * n;
   for (int64_t i = 0; i < n; ++i) {
-    state_rows[2 * i] = last_scores[i];
-    state_rows[2 * i + 1] = i <= last ? last_decay[i] * chunk.theta[i] : scalar_t(0);
+    out.state_rows[2 * i] = last_scores[i];
+    out.state_rows[2 * i + 1] = i <= last ? last_decay[i] * chunk.theta[i] : scalar_t(0);
   }
 }
 
 // A chunk's products and the adjoint rows its backward carries from token t + 1 to t (n each).
 template <typename scalar_t>
-struct ChunkAdjoints {
-  ChunkProducts<scalar_t> products;
-  std::vector<scalar_t> product, decay, theta;  // d/dC[t, i], d/dD_eta[t, i], d/dtheta_i
+struct ChunkAdjoints : ChunkProducts<scalar_t> {
+  std::vector<scalar_t> grad_product, grad_decay, grad_theta;  // d/dC[t, i], d/dD_eta[t, i], d/dtheta_i
 
-  explicit ChunkAdjoints(int64_t n) : products(n), product(n), decay(n), theta(n) {}
+  explicit ChunkAdjoints(int64_t n) : ChunkProducts<scalar_t>(n), grad_product(n), grad_decay(n), grad_theta(n) {}
 };
 
-// Gradients of one chunk's real tokens (len of them) from those of its four outputs: the adjoints
-// of `compute`'s recurrences, t = n-1 down to 0. `adjoints.products` holds the chunk's products.
+// Gradients of one chunk's len real tokens (written from grad_theta, grad_eta, grad_alpha on) from
+// those of its four outputs: the adjoints of `compute`'s recurrences, t = n-1 down to 0, on the
+// chunk's products in `adjoints`.
 template <typename scalar_t>
-void chunk_backward(ChunkAdjoints<scalar_t>& adjoints, int64_t len,
-                    const scalar_t* grad_retrieval_decays, const scalar_t* grad_update_scores,
-                    const scalar_t* grad_state_decays, const scalar_t* grad_state_rows, scalar_t* grad_theta,
-                    scalar_t* grad_eta, scalar_t* grad_alpha) {
-  const ChunkProducts<scalar_t>& chunk = adjoints.products;
+void chunk_backward(ChunkAdjoints<scalar_t>& adjoints, int64_t len, const GatePointers<const scalar_t*>& grads,
+                    scalar_t* grad_theta, scalar_t* grad_eta, scalar_t* grad_alpha) {
+  const ChunkProducts<scalar_t>& chunk = adjoints;
   const int64_t n = chunk.n, last = len - 1;
-  std::fill(adjoints.product.begin(), adjoints.product.end(), scalar_t(0));
-  std::fill(adjoints.decay.begin(), adjoints.decay.end(), scalar_t(0));
-  std::fill(adjoints.theta.begin(), adjoints.theta.end(), scalar_t(0));
-  scalar_t* grad_product = adjoints.product.data();
-  scalar_t* grad_decay = adjoints.decay.data();
-  scalar_t* grad_theta_row = adjoints.theta.data();
+  std::fill(adjoints.grad_product.begin(), adjoints.grad_product.end(), scalar_t(0));
+  std::fill(adjoints.grad_decay.begin(), adjoints.grad_decay.end(), scalar_t(0));
+  std::fill(adjoints.grad_theta.begin(), adjoints.grad_theta.end(), scalar_t(0));
+  scalar_t* grad_product = adjoints.grad_product.data();
+  scalar_t* grad_decay = adjoints.grad_decay.data();
+  scalar_t* grad_theta_row = adjoints.grad_theta.data();
   // d/dA_t, d/dE_t, d/dP_t, each carried down from t + 1 through its recurrence.
   scalar_t grad_weight = 0, grad_carry = 0, grad_momentum = 0;
   for (int64_t t = n - 1; t >= 0; --t) {
     const bool at_last = t == last;
-    grad_weight += grad_retrieval_decays[2 * t] + (at_last ? grad_state_decays[0] : scalar_t(0));
-    grad_carry += grad_retrieval_decays[2 * t + 1] + (at_last ? grad_state_decays[1] : scalar_t(0));
-    grad_momentum += grad_carry + (at_last ? grad_state_decays[2] : scalar_t(0));  // E_t = ... + P_t
+    grad_weight += grads.retrieval_decays[2 * t] + (at_last ? grads.state_decays[0] : scalar_t(0));
+    grad_carry += grads.retrieval_decays[2 * t + 1] + (at_last ? grads.state_decays[1] : scalar_t(0));
+    grad_momentum += grad_carry + (at_last ? grads.state_decays[2] : scalar_t(0));  // E_t = ... + P_t
 
     // Row t of the outputs: update_scores (and state_rows' first column) = C theta, state_rows' second = D_eta theta.
     const scalar_t* product = chunk.decay_product.data() + t * n;
     const scalar_t* decay = chunk.decay_eta.data() + t * n;
-    const scalar_t* grad_scores = grad_update_scores + t * n;
+    const scalar_t* grad_scores = grads.update_scores + t * n;
     for (int64_t i = 0; i <= t; ++i) {
-      const scalar_t grad = at_last ? grad_scores[i] + grad_state_rows[2 * i] : grad_scores[i];
+      const scalar_t grad = at_last ? grad_scores[i] + grads.state_rows[2 * i] : grad_scores[i];
       grad_theta_row[i] += grad * product[i];
       grad_product[i] += grad * chunk.theta[i];
     }
     if (at_last) {
       for (int64_t i = 0; i <= t; ++i) {
-        grad_theta_row[i] += grad_state_rows[2 * i + 1] * decay[i];
-        grad_decay[i] += grad_state_rows[2 * i + 1] * chunk.theta[i];
+        grad_theta_row[i] += grads.state_rows[2 * i + 1] * decay[i];
+        grad_decay[i] += grads.state_rows[2 * i + 1] * chunk.theta[i];
       }
     }
 
@@ -178,21 +188,6 @@ void chunk_backward(ChunkAdjoints<scalar_t>& adjoints, int64_t len,
   }
 }
 
-// Runs body(scratch, group, chunk, start, len) for every (group, chunk) pair, in parallel, each
-// task with its own Scratch(chunk_size). A task gets enough chunks to be worth a thread (~GRAIN_SIZE values).
-template <typename Scratch, typename Body>
-void for_each_chunk(int64_t groups, int64_t seq_len, int64_t chunk_size, const Body& body) {
-  const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (chunk_size * chunk_size));
-  at::parallel_for(0, groups * n_chunks, grain, [&](int64_t begin, int64_t end) {
-    Scratch scratch(chunk_size);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / n_chunks, chunk = item % n_chunks, start = chunk * chunk_size;
-      body(scratch, group, chunk, start, std::min(chunk_size, seq_len - start));
-    }
-  });
-}
-
 void check_gates(const Tensor& theta, const Tensor& eta, const Tensor& alpha, int64_t chunk_size) {
   TORCH_CHECK(chunk_size >= 1, "memory_scan cpp gates: chunk_size must be >= 1, got ", chunk_size);
   TORCH_CHECK(theta.dim() == 2 && eta.sizes() == theta.sizes() && alpha.sizes() == theta.sizes(),
@@ -201,77 +196,78 @@ void check_gates(const Tensor& theta, const Tensor& eta, const Tensor& alpha, in
               "memory_scan cpp gates: theta, eta, alpha must have one dtype");
 }
 
+// For every (group, chunk) pair, in parallel: computes the chunk's products into the task's
+// Scratch(chunk_size) (a ChunkProducts) and runs body(scratch, token, index, len): the chunk's first
+// token in (G, T), its index in (G, nc), its real length. A task takes enough chunks to be worth a
+// thread (~GRAIN_SIZE values).
+template <typename Scratch, typename Body>
+void for_each_chunk(const Tensor& theta, const Tensor& eta, const Tensor& alpha, int64_t chunk_size, const Body& body) {
+  using scalar_t = typename Scratch::value_type;
+  const int64_t groups = theta.size(0), seq_len = theta.size(1);
+  const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
+  const scalar_t* thetas = theta.const_data_ptr<scalar_t>();
+  const scalar_t* etas = eta.const_data_ptr<scalar_t>();
+  const scalar_t* alphas = alpha.const_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (chunk_size * chunk_size));
+  at::parallel_for(0, groups * n_chunks, grain, [&](int64_t begin, int64_t end) {
+    Scratch scratch(chunk_size);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t start = (index % n_chunks) * chunk_size, token = (index / n_chunks) * seq_len + start;
+      const int64_t len = std::min(chunk_size, seq_len - start);
+      scratch.compute(thetas + token, etas + token, alphas + token, len);
+      body(scratch, token, index, len);
+    }
+  });
+}
+
 // theta, eta, alpha (G, T) -> [retrieval_decays, update_scores, state_decays, state_rows].
 std::vector<Tensor> gates_forward(const Tensor& theta_in, const Tensor& eta_in, const Tensor& alpha_in,
                                   int64_t chunk_size) {
   check_gates(theta_in, eta_in, alpha_in, chunk_size);
   const Tensor theta = theta_in.contiguous(), eta = eta_in.contiguous(), alpha = alpha_in.contiguous();
-  const int64_t groups = theta.size(0), seq_len = theta.size(1), n = chunk_size;
-  const int64_t n_chunks = (seq_len + n - 1) / n;
+  const int64_t groups = theta.size(0), n = chunk_size, n_chunks = (theta.size(1) + n - 1) / n;
   const auto options = theta.options();
-  Tensor retrieval_decays = at::empty({groups, n_chunks, n, 2}, options);
-  Tensor update_scores = at::empty({groups, n_chunks, n, n}, options);
-  Tensor state_decays = at::empty({groups, n_chunks, 3}, options);
-  Tensor state_rows = at::empty({groups, n_chunks, n, 2}, options);
+  std::vector<Tensor> gates{at::empty({groups, n_chunks, n, 2}, options), at::empty({groups, n_chunks, n, n}, options),
+                            at::empty({groups, n_chunks, 3}, options), at::empty({groups, n_chunks, n, 2}, options)};
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "memory_scan_gates_forward", [&] {
-    const scalar_t* thetas = theta.const_data_ptr<scalar_t>();
-    const scalar_t* etas = eta.const_data_ptr<scalar_t>();
-    const scalar_t* alphas = alpha.const_data_ptr<scalar_t>();
-    scalar_t* retrieval = retrieval_decays.mutable_data_ptr<scalar_t>();
-    scalar_t* scores = update_scores.mutable_data_ptr<scalar_t>();
-    scalar_t* state = state_decays.mutable_data_ptr<scalar_t>();
-    scalar_t* rows = state_rows.mutable_data_ptr<scalar_t>();
-    for_each_chunk<ChunkProducts<scalar_t>>(groups, seq_len, n, [&](ChunkProducts<scalar_t>& products, int64_t group,
-                                                                    int64_t chunk, int64_t start, int64_t len) {
-      const int64_t token = group * seq_len + start, index = group * n_chunks + chunk;
-      products.compute(thetas + token, etas + token, alphas + token, len);
-      write_gates(products, len, retrieval + index * n * 2, scores + index * n * n, state + index * 3,
-                  rows + index * n * 2);
-    });
+    const GatePointers<scalar_t*> out{gates[0].mutable_data_ptr<scalar_t>(), gates[1].mutable_data_ptr<scalar_t>(),
+                                      gates[2].mutable_data_ptr<scalar_t>(), gates[3].mutable_data_ptr<scalar_t>()};
+    for_each_chunk<ChunkProducts<scalar_t>>(
+        theta, eta, alpha, n, [&](const ChunkProducts<scalar_t>& products, int64_t, int64_t index, int64_t len) {
+          write_gates(products, len, out.at(index, n));
+        });
   });
-  return {retrieval_decays, update_scores, state_decays, state_rows};
+  return gates;
 }
 
 // The gradients [theta, eta, alpha] (G, T) from those of gates_forward's four outputs.
 std::vector<Tensor> gates_backward(const Tensor& theta_in, const Tensor& eta_in, const Tensor& alpha_in,
-                                   const Tensor& grad_retrieval_decays_in, const Tensor& grad_update_scores_in,
-                                   const Tensor& grad_state_decays_in, const Tensor& grad_state_rows_in,
+                                   const Tensor& grad_retrieval_decays, const Tensor& grad_update_scores,
+                                   const Tensor& grad_state_decays, const Tensor& grad_state_rows,
                                    int64_t chunk_size) {
   check_gates(theta_in, eta_in, alpha_in, chunk_size);
   const Tensor theta = theta_in.contiguous(), eta = eta_in.contiguous(), alpha = alpha_in.contiguous();
-  const int64_t groups = theta.size(0), seq_len = theta.size(1), n = chunk_size;
-  const int64_t n_chunks = (seq_len + n - 1) / n;
-  const auto dtype = theta.scalar_type();
+  const int64_t groups = theta.size(0), n = chunk_size, n_chunks = (theta.size(1) + n - 1) / n;
   // Autograd may hand over broadcast or strided gradients (zeros for an unused output).
-  const Tensor grad_retrieval_decays = grad_retrieval_decays_in.contiguous();
-  const Tensor grad_update_scores = grad_update_scores_in.contiguous();
-  const Tensor grad_state_decays = grad_state_decays_in.contiguous();
-  const Tensor grad_state_rows = grad_state_rows_in.contiguous();
-  TORCH_CHECK(grad_retrieval_decays.sizes() == at::IntArrayRef({groups, n_chunks, n, 2}) &&
-                  grad_update_scores.sizes() == at::IntArrayRef({groups, n_chunks, n, n}) &&
-                  grad_state_decays.sizes() == at::IntArrayRef({groups, n_chunks, 3}) &&
-                  grad_state_rows.sizes() == at::IntArrayRef({groups, n_chunks, n, 2}),
-              "memory_scan cpp gates: the gradients must have the shapes of gates_forward's outputs");
+  const std::vector<Tensor> grads{grad_retrieval_decays.contiguous(), grad_update_scores.contiguous(),
+                                  grad_state_decays.contiguous(), grad_state_rows.contiguous()};
+  const std::vector<std::vector<int64_t>> shapes{
+      {groups, n_chunks, n, 2}, {groups, n_chunks, n, n}, {groups, n_chunks, 3}, {groups, n_chunks, n, 2}};
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK(grads[i].sizes() == at::IntArrayRef(shapes[i]),
+                "memory_scan cpp gates: the gradients must have the shapes of gates_forward's outputs");
+  }
   Tensor grad_theta = at::empty_like(theta), grad_eta = at::empty_like(theta), grad_alpha = at::empty_like(theta);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "memory_scan_gates_backward", [&] {
-    const scalar_t* thetas = theta.const_data_ptr<scalar_t>();
-    const scalar_t* etas = eta.const_data_ptr<scalar_t>();
-    const scalar_t* alphas = alpha.const_data_ptr<scalar_t>();
-    const scalar_t* grad_retrieval = grad_retrieval_decays.const_data_ptr<scalar_t>();
-    const scalar_t* grad_scores = grad_update_scores.const_data_ptr<scalar_t>();
-    const scalar_t* grad_state = grad_state_decays.const_data_ptr<scalar_t>();
-    const scalar_t* grad_rows = grad_state_rows.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "memory_scan_gates_backward", [&] {
+    const GatePointers<const scalar_t*> grad{grads[0].const_data_ptr<scalar_t>(), grads[1].const_data_ptr<scalar_t>(),
+                                             grads[2].const_data_ptr<scalar_t>(), grads[3].const_data_ptr<scalar_t>()};
     scalar_t* grad_thetas = grad_theta.mutable_data_ptr<scalar_t>();
     scalar_t* grad_etas = grad_eta.mutable_data_ptr<scalar_t>();
     scalar_t* grad_alphas = grad_alpha.mutable_data_ptr<scalar_t>();
-    for_each_chunk<ChunkAdjoints<scalar_t>>(groups, seq_len, n, [&](ChunkAdjoints<scalar_t>& adjoints, int64_t group,
-                                                                    int64_t chunk, int64_t start, int64_t len) {
-      const int64_t token = group * seq_len + start, index = group * n_chunks + chunk;
-      adjoints.products.compute(thetas + token, etas + token, alphas + token, len);
-      chunk_backward(adjoints, len, grad_retrieval + index * n * 2, grad_scores + index * n * n,
-                     grad_state + index * 3, grad_rows + index * n * 2, grad_thetas + token, grad_etas + token,
-                     grad_alphas + token);
-    });
+    for_each_chunk<ChunkAdjoints<scalar_t>>(
+        theta, eta, alpha, n, [&](ChunkAdjoints<scalar_t>& adjoints, int64_t token, int64_t index, int64_t len) {
+          chunk_backward(adjoints, len, grad.at(index, n), grad_thetas + token, grad_etas + token, grad_alphas + token);
+        });
   });
   return {grad_theta, grad_eta, grad_alpha};
 }
