@@ -11,9 +11,9 @@ or `cpp_stacked_gates` for `cpp`) and `memory_scan.kernel` (the chunk loop). Eac
 goes to the innermost region open when it ran, so a module's own row is what it does outside its
 submodules (for a mixer: segment handling and state plumbing). A backward op goes to the region of
 the forward op that made its autograd node (matched by sequence number); gradient accumulation into
-parameters and the engine's own time get rows of their own. Shares are of the profiled steps' total op time; the profiler's per-op overhead
-inflates regions made of many small ops, so compare shares between runs of this script, not with
-model_step.py's wall-clock times.
+parameters and the engine's own time get rows of their own. Shares are of the profiled steps' total
+op time; the profiler's per-op overhead inflates regions made of many small ops, so compare shares
+between runs of this script, not with model_step.py's wall-clock times.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Gate products of the chunked scan: everything that does not depend on the memory weights.
 
-Computed for all chunks at once, as segment products over masked matrices (README.md here).
+Computed for all chunks at once, as segment products over masked matrices (README.md here). The
+reference of `cpu/gates.cpp`, which computes the same products row by row for the `cpp` kernel.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ def main() -> int:
     from .build import SOURCES, ExtensionBuildError, extension
 
     names = " and ".join(source.name for source in SOURCES)
-    print(f"[memory_scan cpu] building {names} into torch's extension cache (about a minute the first time)", flush=True)
+    print(f"[memory_scan cpu] building {names} into torch's extension cache (about a minute the first time)",
+          flush=True)
     started = time.perf_counter()
     try:
         module = extension(verbose=args.verbose)

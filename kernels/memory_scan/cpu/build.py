@@ -39,6 +39,6 @@ def extension(verbose: bool = False):
         detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ExtensionBuildError(
             f"cannot build the memory_scan C++ extension from {' and '.join(str(s) for s in SOURCES)} ({detail}); "
-            "it needs g++ and ninja (apt-get install g++; pip install ninja) - run `python -m titans_train.kernels.memory_scan.cpu --build` "
-            "to see the compiler output"
+            "it needs g++ and ninja (apt-get install g++; pip install ninja) - run "
+            "`python -m titans_train.kernels.memory_scan.cpu --build` to see the compiler output"
         ) from error
