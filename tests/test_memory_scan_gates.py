@@ -32,7 +32,7 @@ def values_and_grads(gate_products, gates, chunk_size, seed):
     generator = torch.Generator().manual_seed(seed)
     upstream = [torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype) for x in outputs]
     grads = torch.autograd.grad(outputs, gates, upstream)
-    results = {f"{name}": x.detach() for name, x in zip(ChunkGates._fields, outputs)}
+    results = {name: x.detach() for name, x in zip(ChunkGates._fields, outputs)}
     results.update({f"grad {name}": x for name, x in zip(("theta", "eta", "alpha"), grads)})
     return results
 
@@ -48,11 +48,15 @@ def assert_equal_to_reference(actual, expected, tolerance):
 @pytest.mark.parametrize("chunk_size, seq_len", CASES, ids=[f"chunk{c}-T{t}" for c, t in CASES])
 def test_cpp_gates_equal_stacked_gates(chunk_size, seq_len):
     """fp64: every output (the padded layout included) and every gate gradient, to rounding (the
-    sums run in another order: recurrences instead of matmuls; measured <= ~1e-15)."""
+    sums run in another order: recurrences instead of matmuls; measured <= ~1e-15). The cumulative
+    products A, P and D_eta (times theta) are multiplied in the reference's order: the same bits."""
     gates = make_gates(seq_len, seed=chunk_size + seq_len)
     expected = values_and_grads(stacked_gates, gates, chunk_size, seed=1)
     actual = values_and_grads(cpp_stacked_gates, gates, chunk_size, seed=1)
     assert_equal_to_reference(actual, expected, 1e-13)
+    assert torch.equal(actual["retrieval_decays"][..., 0], expected["retrieval_decays"][..., 0])  # A_t
+    assert torch.equal(actual["state_decays"][..., ::2], expected["state_decays"][..., ::2])  # A_l, P_l
+    assert torch.equal(actual["state_rows"][..., 1], expected["state_rows"][..., 1])  # D_eta[l, i] theta_i
 
 
 def test_cpp_gates_in_fp32_match_the_fp64_reference():
