@@ -33,9 +33,10 @@ def scan_flops(
     chunk of n tokens, the forward does: the store pass at the chunk-start weights (one product
     per layer) and the error backpropagation (one per layer but the first); token retrieval per
     layer: h W^T, h S^T, the (n x n) scores h a^T and scores @ delta; chunk retrieval: one product
-    per layer; the new weights and momentum: two (d_out x n) @ (n x d_in) per layer; and the decay
-    matrix C = D_alpha D_eta (n^3). The backward of a product costs two products, so the total is
-    3x the forward. Elementwise work is not counted.
+    per layer; the new weights and momentum: two (d_out x n) @ (n x d_in) per layer. The backward of
+    a product costs two products, so the total is 3x the forward. Elementwise work is not counted,
+    nor the decay matrix C = D_alpha D_eta: `fused` forms it as an (n x n) @ (n x n) product, the C++
+    gate op (cpu/gates.cpp) by an O(n^2) recurrence, so it is not work the algorithm needs.
     """
     layers = list(zip(widths[:-1], widths[1:]))
     total = 0
@@ -48,7 +49,6 @@ def scan_flops(
         else:
             forward += sum(2 * n * d_in * d_out for d_in, d_out in layers)
         forward += sum(4 * n * d_in * d_out for d_in, d_out in layers)  # weights and momentum
-        forward += 2 * n**3
         total += 3 * forward
     return batch * heads * total
 
