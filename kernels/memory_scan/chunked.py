@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .activations import activation_derivative
+from .bound import surprise_scale
 from .decays import ChunkDecays, chunk_decays
 from .mlp import activate, memory_mlp
 
@@ -25,8 +26,13 @@ def _chunk(
     retrieve: str,
     activation: str,
     residual: bool,
+    surprise_bound: float,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One chunk of n tokens. weights/momentum: (G, d_out, d_in); q, k, v: (G, n, d); decays: (G, n[, n])."""
+    """One chunk of n tokens. weights/momentum: (G, d_out, d_in); q, k, v: (G, n, d); decays: (G, n[, n]).
+
+    surprise_bound c > 0 scales each token's errors (every layer) by s_t = min(1, c / ||u_t||),
+    computed without a graph: the bound is not differentiated.
+    """
     depth = len(weights)
     # Store path at the chunk-start weights: layer inputs and the backpropagated errors.
     layer_inputs, pre_activations = [k], []
@@ -43,6 +49,10 @@ def _chunk(
         error = (error @ weights[layer + 1]) * activation_derivative(pre_activations[layer], activation)
         errors.append(error)
     errors.reverse()  # errors[l]: (G, n, d_out of layer l); u_i^(l) = errors[l][i] layer_inputs[l][i]^T
+    if surprise_bound > 0:
+        with torch.no_grad():
+            scale = surprise_scale(errors, layer_inputs, surprise_bound)  # (G, n, 1)
+        errors = [error * scale for error in errors]
 
     if retrieve == "token":
         hidden = q
@@ -89,6 +99,7 @@ def chunked_scan(
     retrieve: str,
     activation: str,
     residual: bool,
+    surprise_bound: float,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
@@ -107,7 +118,7 @@ def chunked_scan(
         )
         y, weights, momentum = _chunk(
             weights, momentum, q[:, tokens], k[:, tokens], v[:, tokens], chunk_decay,
-            retrieve, activation, residual,
+            retrieve, activation, residual, surprise_bound,
         )
         outputs.append(y)
     y = torch.cat(outputs, dim=1).view(batch, heads, seq_len, dim)

@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .activations import activation_second_derivative
+from .bound import surprise_scale
 from .decays import chunk_decays, last_rows
 
 
@@ -39,8 +40,9 @@ class SavedChunk(NamedTuple):
     states: list  # (G, d_out, 2, d_in): the chunk-start weights and momentum
     layer_inputs: list  # (G, n, d_in): a_{l-1} of the store pass, a_0 = k
     pre_activations: list  # (G, n, width): z_l of the hidden layers
-    carried: list  # (G, n, width): delta_{l+1} W_{l+1}, so delta_l = carried * act'(z_l)
-    errors: list  # (G, n, d_out): delta_l
+    carried: list  # (G, n, width): delta_{l+1} W_{l+1}, so delta_l = carried * act'(z_l) (scaled as errors)
+    errors: list  # (G, n, d_out): delta_l, times the surprise scale s under a bound
+    surprise_scales: list  # [(G, n, 1)]: s_t = min(1, c / ||u_t||) under a bound, else []
     retrieval_inputs: list  # (G, n, d_in): h_{l-1} of the retrieval pass, h_0 = q
     mixed_retrieval: list  # [A h, E h] (G, n, 2 d_in), or h [W | S]^T (G, n, d_out, 2) (token retrieval)
     grams: list  # (G, n, n): h a^T (token retrieval)
@@ -86,8 +88,13 @@ def _mix_outputs(state):
     return state.shape[1] < state.shape[3]
 
 
-def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, token_retrieval):
-    """states: L tensors (G, d_out, 2, d_in); q, k, v: (G, n, d). Returns y, next states, saved."""
+def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, token_retrieval, surprise_bound):
+    """states: L tensors (G, d_out, 2, d_in); q, k, v: (G, n, d). Returns y, next states, saved.
+
+    Under a surprise bound the errors and carried terms of every layer are scaled by s (G, n, 1)
+    once computed: the recursion delta_l = (delta_{l+1} W) * act'(z_l) is linear in delta_{l+1},
+    so the scaled terms obey it too, and the backward needs s only where delta_L = out - v starts.
+    """
     depth = len(states)
     groups, n, _ = q.shape
     layer_inputs, pre_activations = [k], []
@@ -109,6 +116,12 @@ def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, tok
         errors.append(error)
     errors.reverse()
     carried.reverse()
+    surprise_scales = []
+    if surprise_bound > 0:
+        scale = surprise_scale(errors, layer_inputs, surprise_bound)
+        for term in (*errors, *carried):
+            term.mul_(scale)
+        surprise_scales.append(scale)
 
     retrieval_inputs, mixed_retrieval, grams, scores, retrieval_pre_activations = [], [], [], [], []
     hidden = q
@@ -151,7 +164,7 @@ def _forward_chunk(states, q, k, v, gates: ChunkGates, activation, residual, tok
         next_states.append(next_state)
         mixed_update.append(mixed)
     saved = SavedChunk(
-        list(states), layer_inputs, pre_activations, carried, errors,
+        list(states), layer_inputs, pre_activations, carried, errors, surprise_scales,
         retrieval_inputs, mixed_retrieval, grams, scores, mixed_update, retrieval_pre_activations,
     )
     return y, next_states, saved
@@ -249,8 +262,10 @@ def _backward_chunk(
         grad_errors[layer + 1].baddbmm_(grad_carry, states[layer + 1][:, :, 0].mT)
         grad_states[layer + 1][:, :, 0].baddbmm_(saved.errors[layer + 1].mT, grad_carry)
 
-    # The store pass: out = M_W(k), delta_L = out - v.
+    # The store pass: out = M_W(k), delta_L = s (out - v) (s = 1 without a bound, not differentiated).
     grad_pre = grad_errors[-1]
+    if saved.surprise_scales:
+        grad_pre.mul_(saved.surprise_scales[0])
     torch.neg(grad_pre, out=grad_v)
     if residual:
         grad_k.copy_(grad_pre)
@@ -284,7 +299,7 @@ class FusedChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, options, q, k, v, retrieval_decays, update_scores, state_decays, state_rows, *states):
-        chunk_size, activation, residual, token_retrieval, keep_saved = options
+        chunk_size, activation, residual, token_retrieval, keep_saved, surprise_bound = options
         gates = ChunkGates(retrieval_decays, update_scores, state_decays, state_rows)
         seq_len = q.shape[1]
         outputs, saved_chunks = [], []
@@ -293,6 +308,7 @@ class FusedChunkedScan(torch.autograd.Function):
             y, states, saved = _forward_chunk(
                 states, q[:, tokens], k[:, tokens], v[:, tokens],
                 _chunk_gates(gates, index, tokens.stop - start), activation, residual, token_retrieval,
+                surprise_bound,
             )
             outputs.append(y)
             if keep_saved:
@@ -307,7 +323,7 @@ class FusedChunkedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, *grad_states):
-        chunk_size, activation, residual, token_retrieval, _ = ctx.options
+        chunk_size, activation, residual, token_retrieval, _, _ = ctx.options
         saved = ctx.saved_tensors
         gates = ChunkGates(*saved[:4])
         saved_chunks = tree_unflatten(list(saved[4:]), ctx.saved_layout)
@@ -349,11 +365,11 @@ def stacked_gates(theta, eta, alpha, chunk_size):
 
 
 def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-                       activation, residual):
+                       activation, residual, surprise_bound):
     """Runs a chunk-loop autograd.Function taking (options, q, k, v, gates, *states) in this module's layout:
     q, k, v (G, T, d), `ChunkGates` with a chunk dim after G, states L x (G, d_out, 2, d_in), and
-    options (chunk_size, activation, residual, token_retrieval, keep_saved). `gate_products` computes
-    the gates as `stacked_gates` does (same signature and values). Shapes as `memory_scan`."""
+    options (chunk_size, activation, residual, token_retrieval, keep_saved, surprise_bound). `gate_products`
+    computes the gates as `stacked_gates` does (same signature and values). Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
     gates = gate_products(theta, eta, alpha, chunk_size)
     groups = batch * heads
@@ -361,7 +377,7 @@ def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weig
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
     # Without a backward to come (inference, decoding), the intermediates are not kept.
     keep_saved = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    options = (chunk_size, activation, residual, retrieve == "token", keep_saved)
+    options = (chunk_size, activation, residual, retrieve == "token", keep_saved, surprise_bound)
     y, *states = function.apply(
         options, *(x.reshape(groups, seq_len, dim) for x in (q, k, v)), *(x.flatten(0, 1) for x in gates), *states
     )
@@ -370,9 +386,10 @@ def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weig
     return y.view(batch, heads, seq_len, dim), weights_out, momentum_out
 
 
-def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
+def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
+               surprise_bound):
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     return run_chunk_function(
         FusedChunkedScan, stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-        activation, residual,
+        activation, residual, surprise_bound,
     )

@@ -25,11 +25,14 @@ def memory_scan_sequential(
     retrieve: str = "token",
     activation: str = "silu",
     residual: bool = True,
+    surprise_bound: float = 0.0,
 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """Token-by-token reference of DESIGN section 3. Same signature and result as `memory_scan`.
 
     q, k, v: (B, H, T, d); theta, eta, alpha: (B, H, T); weights, momentum: L_M tensors (B, H, d_out, d_in).
-    Returns y (B, H, T, d) and the final (weights, momentum).
+    Returns y (B, H, T, d) and the final (weights, momentum). surprise_bound c > 0 replaces each
+    token's gradient u_t (all layers) by s_t u_t, s_t = min(1, c / ||u_t||) taken from the autograd
+    gradients under no_grad (not differentiated).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -49,6 +52,11 @@ def memory_scan_sequential(
             # Summing over batch and heads is harmless: each (b, h) weight only touches its own term.
             inner_loss = 0.5 * (prediction - v[:, :, t : t + 1]).pow(2).sum()
             grads = torch.autograd.grad(inner_loss, chunk_start_weights, create_graph=True)
+            if surprise_bound > 0:
+                with torch.no_grad():
+                    norm = sum(g.pow(2).sum((-2, -1)) for g in grads).sqrt()  # (B, H)
+                    scale = torch.where(norm > surprise_bound, surprise_bound / norm, torch.ones_like(norm))
+                grads = [g * scale[:, :, None, None] for g in grads]
             eta_t = eta[:, :, t, None, None]
             theta_t = theta[:, :, t, None, None]
             keep_t = 1 - alpha[:, :, t, None, None]

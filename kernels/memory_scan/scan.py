@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 
@@ -66,7 +67,11 @@ def _check_triton_inputs(tensors, depth):
                          "triton call, to interpret the kernels on CPU)")
 
 
-def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation):
+def _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation,
+                  surprise_bound):
+    if isinstance(surprise_bound, bool) or not isinstance(surprise_bound, (int, float)) or not (
+            math.isfinite(surprise_bound) and surprise_bound >= 0):
+        raise ValueError(f"surprise_bound must be a finite number >= 0 (0 = no bound), got {surprise_bound!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if retrieve not in RETRIEVE_MODES:
@@ -149,6 +154,7 @@ def memory_scan(
     retrieve: str = "token",
     activation: str = "silu",
     residual: bool = True,
+    surprise_bound: float = 0.0,
     implementation: str = AUTO,
 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """Titans neural memory over a sequence: update chunk by chunk, retrieve per token (DESIGN section 3).
@@ -157,6 +163,12 @@ def memory_scan(
     weights, momentum: L_M >= 1 tensors (B, H, d_out, d_in), the state at the start of the sequence.
     Returns y (B, H, T, d) and the state after the last token (weights, momentum). The last chunk
     may be short and updates like any other.
+
+    `surprise_bound` c > 0 bounds each token's surprise u_t (the inner-loss gradient at the
+    chunk-start weights, all layers together) to norm <= c: u_t is replaced by s_t u_t with
+    s_t = min(1, c / ||u_t||), s_t not differentiated (a stop-gradient, like an optimiser's gradient
+    clipping). A deviation from the paper (README.md here, "The surprise bound"); 0 (the default) is
+    the paper's update, unchanged bit for bit.
 
     Half-precision inputs are computed in fp32 (fp64 if any input is fp64), also under autocast;
     y comes back in q's dtype and each state tensor in its input's dtype. `implementation`: "auto"
@@ -169,7 +181,8 @@ def memory_scan(
     own dtype, everything is computed in fp32; on CPU only under TRITON_INTERPRET=1).
     """
     weights, momentum = tuple(weights), tuple(momentum)
-    _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation)
+    _check_inputs(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, implementation,
+                  surprise_bound)
     if q.shape[2] == 0:
         return q.clone(), (weights, momentum)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
@@ -181,7 +194,7 @@ def memory_scan(
         kernel, sequences = IMPLEMENTATIONS[implementation], tuple(x.to(compute_dtype) for x in (q, k, v))
     y, weights_out, momentum_out = _run_kernel(
         kernel, sequences, (theta, eta, alpha), weights, momentum, compute_dtype,
-        (chunk_size, retrieve, activation, residual),
+        (chunk_size, retrieve, activation, residual, float(surprise_bound)),
     )
     return y.to(q.dtype), (
         tuple(w.to(ref.dtype) for w, ref in zip(weights_out, weights)),

@@ -50,6 +50,11 @@ class TitansConfig:
     # for MAL; 0.002 trained as well and stayed finite (docs/model.md, "Stability").
     # Scale theta_max ~ 1 / chunk_size when changing chunk_size.
     theta_max: float = 0.002
+    # A bound c on each token's surprise (the inner-loss gradient, all memory layers together):
+    # u_t is scaled by min(1, c / ||u_t||), not differentiated. 0 = the paper's update (no bound).
+    # A deviation from the paper, a stabiliser for larger theta_max (kernels/memory_scan/README.md,
+    # "The surprise bound").
+    surprise_bound: float = 0.0
     theta_bias_init: float = 0.0
     eta_bias_init: float = 0.0
     alpha_bias_init: float = -5.0
@@ -154,3 +159,6 @@ class TitansConfig:
                  "straddle MAC segments", "make segment_len a multiple of chunk_size")
         for field in ("theta_max", "rope_base", "norm_eps", "init_std"):
             need(getattr(self, field) > 0, field, "must be > 0", f"set {field} to a positive number")
+        bound = self.surprise_bound
+        need(isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound) and bound >= 0,
+             "surprise_bound", "must be a finite number >= 0", "set 0 (no bound) or a positive bound such as 1.0")

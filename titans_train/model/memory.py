@@ -40,6 +40,7 @@ class NeuralMemory(nn.Module):
         self.activation = config.memory_activation
         self.residual = config.memory_residual
         self.theta_max = config.theta_max
+        self.surprise_bound = config.surprise_bound
         self.momentum, self.decay = config.memory_momentum, config.memory_decay
         self.conv_kernel = config.conv_kernel
         inner = self.n_memory_heads * self.head_dim
@@ -170,7 +171,7 @@ class NeuralMemory(nn.Module):
                 q_all[:, :, piece], k_all[:, :, piece], v_all[:, :, piece],
                 theta_all[:, :, piece], eta_all[:, :, piece], alpha_all[:, :, piece],
                 weights, momentum, chunk_size=self.chunk_size, retrieve=self.retrieve_mode,
-                activation=self.activation, residual=self.residual,
+                activation=self.activation, residual=self.residual, surprise_bound=self.surprise_bound,
             )
             outputs.append(y)
             if stop == closed:  # the open tail keeps its block-start weights

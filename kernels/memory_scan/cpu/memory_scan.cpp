@@ -29,6 +29,9 @@ struct Options {
   bool gelu;
   bool residual;
   bool token_retrieval;
+  double surprise_bound;  // c > 0: each token's surprise scaled to norm <= c; 0: no bound
+
+  bool bounded() const { return surprise_bound > 0; }
 };
 
 Tensor activate_out(Tensor out, const Tensor& x, bool gelu) {
@@ -102,8 +105,9 @@ struct Saved {
   std::vector<Tensor> states;                     // L x (nc, G, d_out, 2, d_in): chunk-start state
   std::vector<Tensor> layer_inputs;               // L-1 x (nc, G, n, width): a_l, l >= 1 (a_0 = k)
   std::vector<Tensor> pre_activations;            // L-1 x (nc, G, n, width): z_l
-  std::vector<Tensor> carried;                    // L-1 x (nc, G, n, width): delta_{l+1} W_{l+1}
-  std::vector<Tensor> errors;                     // L x (nc, G, n, d_out): delta_l
+  std::vector<Tensor> carried;                    // L-1 x (nc, G, n, width): delta_{l+1} W_{l+1} (scaled as errors)
+  std::vector<Tensor> errors;                     // L x (nc, G, n, d_out): delta_l, times s under a bound
+  std::vector<Tensor> surprise_scales;            // bound: 1 x (nc, G, n, 1): s_t = min(1, c / ||u_t||)
   std::vector<Tensor> retrieval_inputs;           // L-1 x (nc, G, n, d_in): h_l, l >= 1 (h_0 = q)
   std::vector<Tensor> retrieval_pre_activations;  // L-1 x (nc, G, n, width): r_l
   std::vector<Tensor> mixed_update;               // L x (nc, G, n, 2, d_in) or (nc, G, n, d_out, 2)
@@ -114,12 +118,14 @@ struct Saved {
   using Kind = std::vector<Tensor> Saved::*;
   // Every kind, in the order flat() stores them.
   static constexpr Kind kKinds[] = {&Saved::states,       &Saved::layer_inputs,  &Saved::pre_activations,
-                                    &Saved::carried,      &Saved::errors,        &Saved::retrieval_inputs,
+                                    &Saved::carried,      &Saved::errors,        &Saved::surprise_scales,
+                                    &Saved::retrieval_inputs,
                                     &Saved::retrieval_pre_activations,           &Saved::mixed_update,
                                     &Saved::mixed_retrieval, &Saved::grams,      &Saved::scores};
 
   // How many tensors of `kind` a memory of `depth` layers saves (see the layouts above).
-  static int64_t count(Kind kind, int64_t depth, bool token_retrieval) {
+  static int64_t count(Kind kind, int64_t depth, bool token_retrieval, bool bounded) {
+    if (kind == &Saved::surprise_scales) return bounded ? 1 : 0;
     if (kind == &Saved::states || kind == &Saved::errors || kind == &Saved::mixed_update) return depth;
     if (kind == &Saved::mixed_retrieval || kind == &Saved::grams || kind == &Saved::scores) {
       return token_retrieval ? depth : 0;
@@ -133,11 +139,11 @@ struct Saved {
     return out;
   }
 
-  static Saved unflat(const std::vector<Tensor>& flat, int64_t depth, bool token_retrieval) {
+  static Saved unflat(const std::vector<Tensor>& flat, int64_t depth, bool token_retrieval, bool bounded) {
     Saved saved;
     size_t next = 0;
     for (Kind kind : kKinds) {
-      const int64_t count = Saved::count(kind, depth, token_retrieval);
+      const int64_t count = Saved::count(kind, depth, token_retrieval, bounded);
       TORCH_CHECK(next + count <= flat.size(), "memory_scan cpp: too few saved tensors");
       (saved.*kind).assign(flat.begin() + next, flat.begin() + next + count);
       next += count;
@@ -148,8 +154,9 @@ struct Saved {
 };
 
 Saved allocate_saved(const std::vector<Tensor>& states, int64_t slots, int64_t state_slots, int64_t groups,
-                     int64_t n, bool token_retrieval, const at::TensorOptions& options) {
+                     int64_t n, bool token_retrieval, bool bounded, const at::TensorOptions& options) {
   Saved saved;
+  if (bounded) saved.surprise_scales.push_back(at::empty({slots, groups, n, 1}, options));
   const int64_t depth = static_cast<int64_t>(states.size());
   for (int64_t layer = 0; layer < depth; ++layer) {
     const Tensor& state = states[layer];
@@ -241,6 +248,20 @@ void forward_chunk(const std::vector<Tensor>& states, const std::vector<Tensor>&
     }
     errors[layer] = error;
   }
+  if (options.bounded()) {
+    // fused.py's surprise_scale: ||u_t||^2 = sum_l ||delta_l||^2 ||a_{l-1}||^2, s = min(1, c / ||u_t||);
+    // the errors and carried terms of every layer are scaled once computed (the recursion is linear).
+    Tensor squared_norm = errors[0].square().sum(-1) * layer_inputs[0].square().sum(-1);
+    for (int64_t layer = 1; layer < depth; ++layer) {
+      squared_norm = squared_norm + errors[layer].square().sum(-1) * layer_inputs[layer].square().sum(-1);
+    }
+    Tensor scale = view.slot(saved.surprise_scales[0], slot);
+    scale.copy_((squared_norm.rsqrt() * options.surprise_bound).clamp_max_(1).unsqueeze(-1));
+    for (int64_t layer = 0; layer < depth; ++layer) {
+      errors[layer].mul_(scale);
+      if (layer < depth - 1) view.slot(saved.carried[layer], slot).mul_(scale);
+    }
+  }
 
   hidden = q;
   for (int64_t layer = 0; layer < depth; ++layer) {
@@ -306,6 +327,7 @@ struct ChunkSaved : Saved {
     slots(saved.pre_activations, pre_activations);
     slots(saved.carried, carried);
     slots(saved.errors, errors);
+    slots(saved.surprise_scales, surprise_scales);
     slots(saved.retrieval_pre_activations, retrieval_pre_activations);
     slots(saved.mixed_update, mixed_update);
     slots(saved.mixed_retrieval, mixed_retrieval);
@@ -407,8 +429,9 @@ void backward_chunk(const ChunkSaved& saved, const Tensor& grad_y, std::vector<T
     grad_states[layer + 1].select(2, 0).baddbmm_(mT(saved.errors[layer + 1]), grad_carry);
   }
 
-  // The store pass: out = M_W(k), delta_L = out - v.
+  // The store pass: out = M_W(k), delta_L = s (out - v) (s = 1 without a bound, not differentiated).
   Tensor grad_pre = grad_errors[depth - 1];
+  if (!saved.surprise_scales.empty()) grad_pre.mul_(saved.surprise_scales[0]);
   at::neg_out(grad_v, grad_pre);
   if (options.residual) grad_k.copy_(grad_pre);
   for (int64_t layer = depth - 1; layer >= 0; --layer) {
@@ -430,10 +453,13 @@ void backward_chunk(const ChunkSaved& saved, const Tensor& grad_y, std::vector<T
   grad_gates.state_decays.select(1, 2).copy_(flat.select(1, 3));
 }
 
-Options make_options(int64_t chunk_size, const std::string& activation, bool residual, bool token_retrieval) {
+Options make_options(int64_t chunk_size, const std::string& activation, bool residual, bool token_retrieval,
+                     double surprise_bound) {
   TORCH_CHECK(activation == "silu" || activation == "gelu", "memory_scan cpp: activation must be silu or gelu, got ",
               activation);
-  return Options{chunk_size, activation == "gelu", residual, token_retrieval};
+  TORCH_CHECK(std::isfinite(surprise_bound) && surprise_bound >= 0,
+              "memory_scan cpp: surprise_bound must be finite and >= 0, got ", surprise_bound);
+  return Options{chunk_size, activation == "gelu", residual, token_retrieval, surprise_bound};
 }
 
 // Runs `body(g0, gn)` on contiguous slices of the G groups, one per intra-op thread.
@@ -450,15 +476,15 @@ void parallel_over_groups(int64_t groups, const Body& body) {
 std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& retrieval_decays,
                                  const Tensor& update_scores, const Tensor& state_decays, const Tensor& state_rows,
                                  const std::vector<Tensor>& states, int64_t chunk_size, const std::string& activation,
-                                 bool residual, bool token_retrieval, bool keep_saved) {
-  const Options options = make_options(chunk_size, activation, residual, token_retrieval);
+                                 bool residual, bool token_retrieval, bool keep_saved, double surprise_bound) {
+  const Options options = make_options(chunk_size, activation, residual, token_retrieval, surprise_bound);
   const Gates gates{retrieval_decays, update_scores, state_decays, state_rows};
   const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(states.size());
   const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
   const int64_t n = std::min(chunk_size, seq_len);
   // Without a backward the buffers hold one chunk, and the states alternate between two slots.
   Saved saved = allocate_saved(states, keep_saved ? n_chunks : 1, keep_saved ? n_chunks : 2, groups, n,
-                               token_retrieval, q.options());
+                               token_retrieval, options.bounded(), q.options());
   Tensor y = at::empty_like(q, at::MemoryFormat::Contiguous);
   std::vector<Tensor> final_states;
   for (const Tensor& state : states) final_states.push_back(at::empty_like(state, at::MemoryFormat::Contiguous));
@@ -497,12 +523,12 @@ std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const T
                                   const Tensor& retrieval_decays, const Tensor& update_scores,
                                   const Tensor& state_decays, const Tensor& state_rows, const Tensor& grad_y,
                                   std::vector<Tensor> grad_states, int64_t chunk_size, const std::string& activation,
-                                  bool residual, bool token_retrieval) {
-  const Options options = make_options(chunk_size, activation, residual, token_retrieval);
+                                  bool residual, bool token_retrieval, double surprise_bound) {
+  const Options options = make_options(chunk_size, activation, residual, token_retrieval, surprise_bound);
   const Gates gates{retrieval_decays, update_scores, state_decays, state_rows};
   const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(grad_states.size());
   const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
-  const Saved saved = Saved::unflat(saved_flat, depth, token_retrieval);
+  const Saved saved = Saved::unflat(saved_flat, depth, token_retrieval, options.bounded());
   for (const Tensor& grad : grad_states) {
     TORCH_CHECK(grad.is_contiguous(), "memory_scan cpp: grad_states must be contiguous");
   }

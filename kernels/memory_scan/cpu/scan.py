@@ -47,10 +47,11 @@ class CppChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, options, q, k, v, retrieval_decays, update_scores, state_decays, state_rows, *states):
-        chunk_size, activation, residual, token_retrieval, keep_saved = options
+        chunk_size, activation, residual, token_retrieval, keep_saved, surprise_bound = options
         gates = (retrieval_decays, update_scores, state_decays, state_rows)
         y, *rest = extension().forward(
-            q, k, v, *gates, list(states), chunk_size, activation, residual, token_retrieval, keep_saved
+            q, k, v, *gates, list(states), chunk_size, activation, residual, token_retrieval, keep_saved,
+            surprise_bound,
         )
         states_out, saved = rest[: len(states)], rest[len(states):]
         ctx.options = options
@@ -60,20 +61,22 @@ class CppChunkedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, *grad_states):
-        chunk_size, activation, residual, token_retrieval, _ = ctx.options
+        chunk_size, activation, residual, token_retrieval, _, surprise_bound = ctx.options
         q, k, *rest = ctx.saved_tensors  # read once: checkpointing's hooks unpack each tensor only once
         gates, saved = rest[:4], rest[4:]
         # Own, writable buffers: the backward computes the state gradients in place.
         grad_states = [grad.clone(memory_format=torch.contiguous_format) for grad in grad_states]
         grads = extension().backward(
-            saved, q, k, *gates, grad_y, grad_states, chunk_size, activation, residual, token_retrieval
+            saved, q, k, *gates, grad_y, grad_states, chunk_size, activation, residual, token_retrieval,
+            surprise_bound,
         )
         return (None, *grads)
 
 
-def cpp_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
+def cpp_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
+             surprise_bound):
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     return run_chunk_function(
         CppChunkedScan, cpp_stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-        activation, residual,
+        activation, residual, surprise_bound,
     )

@@ -30,7 +30,7 @@ def _configs():
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (8, 1), (8, 2), (16, 1))]
 
 
-_KEY = ["D", "O1", "H2", "CHUNK", "DEPTH", "TOKEN"]
+_KEY = ["D", "O1", "H2", "CHUNK", "DEPTH", "TOKEN", "BOUNDED"]
 
 
 @triton.jit
@@ -160,9 +160,20 @@ def _load_scores(p, m_n, CHUNK: tl.constexpr, B_N: tl.constexpr):
 
 
 @triton.jit
-def _store_pass(k, v, W1, W2, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-                PREC: tl.constexpr):
-    """Errors at the chunk-start weights. Returns z1 (pre-activation), a1, carry, err1, err2."""
+def _surprise_scale(squared_norm, bound):
+    """s = min(1, c / ||u||) per token; the maximum only keeps the unused branch finite."""
+    return tl.where(squared_norm > bound * bound, bound / tl.sqrt(tl.maximum(squared_norm, bound * bound)), 1.0)
+
+
+@triton.jit
+def _store_pass(k, v, W1, W2, bound, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                PREC: tl.constexpr, BOUNDED: tl.constexpr):
+    """Errors at the chunk-start weights. Returns z1 (pre-activation), a1, carry, err1, err2, scale (n,).
+
+    BOUNDED: err1, err2 and carry are scaled by s = min(1, bound / ||u||) (||u||^2 = sum over layers
+    of ||err||^2 ||layer input||^2); the scale is not differentiated, and the backward applies it
+    where err_L = out - v starts. Otherwise scale is 1.
+    """
     z1 = _dot(k, tl.trans(W1), PREC)
     if DEPTH == 1:
         out = z1
@@ -171,13 +182,25 @@ def _store_pass(k, v, W1, W2, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr, ACT: 
         out = _dot(a1, tl.trans(W2), PREC)
     if RESIDUAL:
         out += k
+    k_norm = tl.sum(k * k, axis=1)
     if DEPTH == 1:
         err1 = out - v
-        return z1, z1, z1, err1, err1
+        scale = tl.full(k_norm.shape, 1.0, tl.float32)
+        if BOUNDED:
+            scale = _surprise_scale(tl.sum(err1 * err1, axis=1) * k_norm, bound)
+            err1 = err1 * scale[:, None]
+        return z1, z1, z1, err1, err1, scale
     err2 = out - v
     carry = _dot(err2, W2, PREC)
     err1 = carry * _act_grad(z1, ACT)
-    return z1, a1, carry, err1, err2
+    scale = tl.full(k_norm.shape, 1.0, tl.float32)
+    if BOUNDED:
+        squared_norm = tl.sum(err1 * err1, axis=1) * k_norm + tl.sum(err2 * err2, axis=1) * tl.sum(a1 * a1, axis=1)
+        scale = _surprise_scale(squared_norm, bound)
+        err1 = err1 * scale[:, None]
+        err2 = err2 * scale[:, None]
+        carry = carry * scale[:, None]
+    return z1, a1, carry, err1, err2, scale
 
 
 @triton.jit
@@ -199,7 +222,7 @@ def memory_scan_forward_kernel(
     T, D: tl.constexpr, O1: tl.constexpr, H2: tl.constexpr, CHUNK: tl.constexpr,
     NC, B_N: tl.constexpr, B_D: tl.constexpr, B_O1: tl.constexpr, B_H2: tl.constexpr,
     DEPTH: tl.constexpr, TOKEN: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-    SAVE: tl.constexpr, PREC: tl.constexpr,
+    SAVE: tl.constexpr, PREC: tl.constexpr, BOUND, BOUNDED: tl.constexpr,
 ):
     """Grid (G,). Gates (G, NC, CHUNK[, CHUNK | 2 | 3]); states (G, d_out, d_in); saved (G, NC, d_out, d_in)."""
     i_g = tl.program_id(0).to(tl.int64)
@@ -213,7 +236,7 @@ def memory_scan_forward_kernel(
         q = _load_tokens(q_ptr + p_tok, m_n, D, B_N, B_D)
         k = _load_tokens(k_ptr + p_tok, m_n, D, B_N, B_D)
         v = _load_tokens(v_ptr + p_tok, m_n, D, B_N, B_D)
-        z1, a1, carry, err1, err2 = _store_pass(k, v, W1, W2, DEPTH, RESIDUAL, ACT, PREC)
+        z1, a1, carry, err1, err2, scale = _store_pass(k, v, W1, W2, BOUND, DEPTH, RESIDUAL, ACT, PREC, BOUNDED)
         if TOKEN:
             A, E = _load_pair(rdec_ptr + i_c * CHUNK * 2, m_n, B_N)
             C = _load_scores(scores_ptr + i_c * CHUNK * CHUNK, m_n, CHUNK, B_N)
@@ -279,7 +302,7 @@ def memory_scan_backward_kernel(
     T, D: tl.constexpr, O1: tl.constexpr, H2: tl.constexpr, CHUNK: tl.constexpr,
     NC, B_N: tl.constexpr, B_D: tl.constexpr, B_O1: tl.constexpr, B_H2: tl.constexpr,
     DEPTH: tl.constexpr, TOKEN: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, BOUND, BOUNDED: tl.constexpr,
 ):
     """Grid (G,). g{w,s}{1,2}: gradients of the final state; d{w,s}{1,2}: those of the initial state (out)."""
     i_g = tl.program_id(0).to(tl.int64)
@@ -294,7 +317,7 @@ def memory_scan_backward_kernel(
         k = _load_tokens(k_ptr + p_tok, m_n, D, B_N, B_D)
         v = _load_tokens(v_ptr + p_tok, m_n, D, B_N, B_D)
         dy = _load_tokens(dy_ptr + p_tok, m_n, D, B_N, B_D)
-        z1, a1, carry, err1, err2 = _store_pass(k, v, W1, W2, DEPTH, RESIDUAL, ACT, PREC)
+        z1, a1, carry, err1, err2, scale = _store_pass(k, v, W1, W2, BOUND, DEPTH, RESIDUAL, ACT, PREC, BOUNDED)
 
         # The state update: next = [A_n W + E_n S, P_n S] - err^T [c a, m a].
         cw, cm = _load_pair(srows_ptr + i_c * CHUNK * 2, m_n, B_N)
@@ -374,18 +397,22 @@ def memory_scan_backward_kernel(
             dq += dy
         _store_tokens(dq_ptr + p_tok, dq, m_n, D, B_N, B_D)
 
-        # The error recursion and the store pass (err_L = M_W(k) - v).
+        # The error recursion and the store pass (err_L = scale (M_W(k) - v), scale not differentiated).
         if DEPTH == 2:
             dcarry = derr1 * _act_grad(z1, ACT)
             dz1_err = derr1 * carry * _act_grad2(z1, ACT)
             derr2 += _dot(dcarry, tl.trans(W2), PREC)
             dW2_start += _dot(tl.trans(err2), dcarry, PREC)
             dout = derr2
+            if BOUNDED:
+                dout = dout * scale[:, None]
             dW2_start += _dot(tl.trans(dout), a1, PREC)
             da1 += _dot(dout, W2, PREC)
             dz1 = da1 * _act_grad(z1, ACT) + dz1_err
         else:
             dout = derr1
+            if BOUNDED:
+                dout = dout * scale[:, None]
             dz1 = dout
         dW1_start += _dot(tl.trans(dz1), k, PREC)
         dk += _dot(dz1, W1, PREC)

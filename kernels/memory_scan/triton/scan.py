@@ -18,7 +18,7 @@ def _block(size: int) -> int:
 
 
 def _shape_constants(q, states, chunk_size, options):
-    activation, residual, token_retrieval = options
+    activation, residual, token_retrieval, surprise_bound = options
     groups, seq_len, dim = q.shape
     depth = len(states) // 2
     out1 = states[0].shape[1]
@@ -29,6 +29,7 @@ def _shape_constants(q, states, chunk_size, options):
         DEPTH=depth, TOKEN=token_retrieval, RESIDUAL=residual, ACT=ACTIVATION_CODES[activation],
         # fp32 inputs get exact fp32 products; half-precision inputs accept tf32 tensor-core products.
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        BOUND=surprise_bound, BOUNDED=surprise_bound > 0,
     )
     return groups, constants
 
@@ -77,7 +78,8 @@ class TritonChunkedScan(torch.autograd.Function):
         return (None, None, None, grad_q, grad_k, grad_v, *grad_gates, *grad_initial)
 
 
-def triton_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual):
+def triton_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
+                surprise_bound):
     """Shapes as `memory_scan`; q, k, v in fp32, bf16 or fp16, gates and state fp32, depth 1 or 2.
 
     Returns y in q's dtype and the final state in fp32.
@@ -88,7 +90,7 @@ def triton_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retri
     states = []
     for w, s in zip(weights, momentum):
         states += [w.flatten(0, 1).contiguous(), s.flatten(0, 1).contiguous()]
-    options = (activation, residual, retrieve == "token")
+    options = (activation, residual, retrieve == "token", surprise_bound)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     y, *states_out = TritonChunkedScan.apply(
