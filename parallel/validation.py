@@ -80,8 +80,8 @@ SP_SCHEDULES = ("relay", "scan")
 def validate_sp_schedule(model_config, sp_schedule: str, *, sp: int = 1, seq_len: int | None = None,
                          activation_checkpointing: bool = False, zero_stage: int = 0) -> None:
     """`parallel.sp_schedule = "scan"` (lockstep span owners, `scan_schedule.py`) needs a memory
-    whose span effect is affine (memory_depth 1) and whose keys, values and gates depend only on
-    the layer input (lmm, mag, mal), and spans at least as long as every exchanged tail."""
+    whose span effect is affine (memory_depth 1, surprise_bound 0) and whose keys, values and gates
+    depend only on the layer input (lmm, mag, mal), and spans at least as long as every exchanged tail."""
     if sp_schedule not in SP_SCHEDULES:
         raise ParallelConfigError("parallel.sp_schedule",
                                   f"must be one of {list(SP_SCHEDULES)}, got {sp_schedule!r}")
@@ -96,6 +96,9 @@ def validate_sp_schedule(model_config, sp_schedule: str, *, sp: int = 1, seq_len
     elif model_config.memory_depth != 1:
         reason = (f"model.memory_depth = {model_config.memory_depth}: only a linear memory "
                   "(memory_depth 1) changes its state affinely over a span")
+    elif model_config.surprise_bound > 0:
+        reason = (f"model.surprise_bound = {model_config.surprise_bound} scales each token's update by a "
+                  "factor that depends on the memory state, so the span's effect is not affine")
     elif activation_checkpointing and sp > 1:
         reason = ("parallel.activation_checkpointing would repeat the neighbour exchanges during "
                   "recomputation (use the relay, or turn activation checkpointing off)")

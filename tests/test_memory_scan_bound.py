@@ -122,6 +122,17 @@ def test_the_model_passes_its_bound_to_the_memory():
     assert relative_error(logits[1e-3], logits[0.0]) > 1e-6
 
 
+def test_the_scan_schedule_refuses_a_bound():
+    """sp_schedule=scan composes affine span maps; a bound makes the span's effect depend on the state."""
+    from titans_train.parallel.layout import ParallelConfigError
+    from titans_train.parallel.validation import validate_sp_schedule
+
+    config = dict(variant="lmm", dim=16, n_layers=1, n_heads=2, chunk_size=4, memory_depth=1)
+    validate_sp_schedule(TitansConfig(**config), "scan", sp=2, seq_len=32)
+    with pytest.raises(ParallelConfigError, match="model.surprise_bound = 1.0 .*parallel.sp_schedule=relay"):
+        validate_sp_schedule(TitansConfig(**config, surprise_bound=1.0), "scan", sp=2, seq_len=32)
+
+
 TRITON_CASES = [(16, 16, 37, 1, "chunk", True, "silu"), (16, 16, 37, 2, "token", False, "gelu")]
 
 
