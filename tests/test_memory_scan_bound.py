@@ -108,6 +108,14 @@ def test_a_bad_bound_is_a_clear_error(bound):
         TitansConfig(variant="lmm", dim=16, n_layers=1, n_heads=2, chunk_size=4, surprise_bound=bound)
 
 
+def test_a_recipe_override_with_a_bad_bound_names_the_key():
+    from titans_train.config import InvalidValueError, load_recipe
+
+    assert load_recipe("debug", []).model.surprise_bound == 0.0
+    with pytest.raises(InvalidValueError, match="model.surprise_bound.*finite number >= 0"):
+        load_recipe("debug", ["model.surprise_bound=-1"])
+
+
 def test_the_model_passes_its_bound_to_the_memory():
     from titans_train.model import TitansLM
 
