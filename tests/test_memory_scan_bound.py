@@ -89,12 +89,17 @@ def test_a_bound_above_every_norm_equals_the_unbounded_scan_exactly(implementati
         assert torch.equal(actual[name], expected[name]), name
 
 
-def test_cpp_equals_fused_bit_for_bit_under_the_bound():
+def test_cpp_equals_fused_bit_for_bit_under_the_bound(monkeypatch):
+    """The chunk loops alone: fused runs with the C++ gate products, as in test_memory_scan.py."""
+    from titans_train.kernels.memory_scan import fused as fused_module
+    from titans_train.kernels.memory_scan.cpu import cpp_stacked_gates
+
     tensors, weights, momentum = make_inputs(SEQ_LEN, 2, torch.float32, seed=6, batch=1, heads=2)
     weights, momentum = (tuple(x.float() for x in group) for group in (weights, momentum))
     options = dict(chunk_size=CHUNK, surprise_bound=0.5)
-    expected = run_with_grads(memory_scan, tensors, weights, momentum, 1, implementation="fused", **options)
     actual = run_with_grads(memory_scan, tensors, weights, momentum, 1, implementation="cpp", **options)
+    monkeypatch.setattr(fused_module, "stacked_gates", cpp_stacked_gates)
+    expected = run_with_grads(memory_scan, tensors, weights, momentum, 1, implementation="fused", **options)
     for name in expected:
         assert torch.equal(actual[name], expected[name]), name
 
