@@ -162,6 +162,8 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--retrieve", choices=("token", "chunk"), default="token")
     parser.add_argument("--activation", choices=("silu", "gelu"), default="silu")
+    parser.add_argument("--surprise-bound", type=float, default=0.0,
+                        help="memory_scan's surprise_bound (0: none; the bound's extra work per chunk is elementwise)")
     parser.add_argument("--implementation", choices=("fused", "autograd", "cpp"), default="fused")
     parser.add_argument("--ab", nargs="+", choices=("fused", "autograd", "cpp"), metavar="IMPLEMENTATION",
                         help="only an alternating A/B of these implementations (e.g. --ab cpp fused)")
@@ -180,7 +182,7 @@ def main():
     widths = [args.dim] + [args.dim * args.expansion] * (args.depth - 1) + [args.dim]
     options = dict(
         chunk_size=args.chunk_size, retrieve=args.retrieve, activation=args.activation, residual=True,
-        implementation=args.implementation,
+        surprise_bound=args.surprise_bound, implementation=args.implementation,
     )
 
     inputs = make_inputs(args.batch, args.heads, args.seq_len, args.dim, widths)
@@ -209,6 +211,7 @@ def main():
         f"memory_scan fwd+bwd  B={args.batch} H={args.heads} T={args.seq_len} d={args.dim} "
         f"depth={args.depth} hidden={widths[1] if args.depth > 1 else args.dim} "
         f"chunk={args.chunk_size} retrieve={args.retrieve} {args.implementation} threads={torch.get_num_threads()}"
+        f"{f' surprise_bound={args.surprise_bound:g}' if args.surprise_bound else ''}"
         f"{' flush-denormal' if args.flush_denormal else ''}"
     )
     print(f"  time per step       {step_seconds * 1e3:9.1f} ms (median of {args.repeats})")
