@@ -69,13 +69,19 @@ class Callback:
         """Always called last, also after an exception."""
 
 
+def divergence_stop(what: str, loss: float, step: int) -> StopRequest:
+    """Stop as diverged (exit 3) without saving: a non-finite `what` ("loss", "validation loss")."""
+    return StopRequest(
+        EXIT_DIVERGED, save=False,
+        reason=f"{what} is {loss} at step {step}: stopping without saving; the last checkpoint predates the "
+               "divergence (lower train.lr or model.theta_max, or bound the memory's update with "
+               "model.surprise_bound: docs/training.md)")
+
+
 class DivergenceStop(Callback):
     def on_step_end(self, trainer, metrics):
         if not math.isfinite(metrics.loss):  # the same on every rank: the loss is a global mean
-            trainer.request_stop(StopRequest(
-                EXIT_DIVERGED, save=False,
-                reason=f"loss is {metrics.loss} at step {metrics.step}: stopping without saving; the last "
-                       "checkpoint predates the divergence (lower train.lr or model.theta_max)"))
+            trainer.request_stop(divergence_stop("loss", metrics.loss, metrics.step))
 
 
 class SignalStop(Callback):

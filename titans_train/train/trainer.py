@@ -34,7 +34,7 @@ from titans_train.config import batch_plan, model_config, to_container
 from titans_train.config.errors import InvalidValueError
 from titans_train.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (the contract, re-exported)
 from titans_train.train import stop_signals
-from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks
+from titans_train.train.callbacks import Callback, StepMetrics, StopRequest, default_callbacks, divergence_stop
 from titans_train.train.checkpoint import PENDING_PREFIX, CheckpointInfo, CheckpointManager, assign_checkpoint_writers
 from titans_train.train.distributed import (
     all_reduce_max_flag,
@@ -256,10 +256,7 @@ class Trainer:
         self.logger.info(f"validation ({label}, step {self.step}): loss {loss:.4f} | ppl {ppl:.2f}")
         self.logger.metrics(self.step, {"val/loss": loss, "val/ppl": ppl})
         if not math.isfinite(loss):  # the same on every rank: a mean over every replica
-            self.request_stop(StopRequest(
-                EXIT_DIVERGED, save=False,
-                reason=f"validation loss is {loss} at step {self.step}: stopping without saving; the last "
-                       "checkpoint predates the divergence (lower train.lr or model.theta_max)"))
+            self.request_stop(divergence_stop("validation loss", loss, self.step))
         return loss
 
     def log_eval_tasks(self, label: str) -> dict:

@@ -2,7 +2,10 @@
 
 The build directory is torch's extension cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), shared by every process of a user: torch's file lock lets concurrent
-ranks wait for one build, and a source change gets a new versioned build. `scripts/setup.sh`
+ranks wait for one build. Each build has its own directory, named by a digest of the sources, the
+flags, torch's version and the Python environment: two checkouts or virtualenvs of other versions
+(or two branches side by side) would otherwise rebuild one directory in turn and load each other's
+module. `scripts/setup.sh`
 builds it once (`python -m titans_train.kernels.memory_scan.cpu --build`) so no run pays the
 compile.
 """
@@ -10,7 +13,9 @@ compile.
 from __future__ import annotations
 
 import functools
+import hashlib
 import pathlib
+import sys
 
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("memory_scan.cpp", "gates.cpp"))
 NAME = "titans_memory_scan_cpu"
@@ -18,6 +23,17 @@ NAME = "titans_memory_scan_cpu"
 # runtime it links (libgomp.so.1) is the one torch has already loaded. No -march=native: the build
 # cache may be shared by machines of different CPU generations.
 CFLAGS = ["-O3", "-fopenmp"]
+
+
+def build_name() -> str:
+    """NAME and the digest of what the module is built from (its directory in the cache)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update("\0".join([*CFLAGS, torch.__version__, sys.prefix]).encode())
+    return f"{NAME}_{digest.hexdigest()[:12]}"
 
 
 class ExtensionBuildError(RuntimeError):
@@ -32,7 +48,7 @@ def extension(verbose: bool = False):
 
     try:
         return cpp_extension.load(
-            name=NAME, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            name=build_name(), sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
             verbose=verbose,
         )
     except (RuntimeError, OSError, ImportError) as error:
