@@ -62,8 +62,9 @@ def test_forward_matches_explicit_attention(n_persistent, window, cached):
 
     def reference():
         positions = torch.arange(position, position + seq_len)
-        queries = module.project_queries(x, positions)
-        keys, values = module.project_keys_values(x, positions)
+        rope = module.rope(positions, x.dtype)
+        queries = module.project_queries(x, rope)
+        keys, values = module.project_keys_values(x, rope)
         keys = torch.cat([tail["keys"], keys], dim=2)
         values = torch.cat([tail["values"], values], dim=2)
         mask = window_mask(positions, torch.arange(position - cached, position + seq_len), window)

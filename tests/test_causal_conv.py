@@ -1,8 +1,8 @@
-"""CausalConv (a channels-last 2-D depthwise conv) against the textbook causal convolution.
+"""CausalConv (K shifted multiply-adds on time-major data) against the textbook causal convolution.
 
 y[b, t, c] = sum_k w[c, k] x_padded[b, t + k, c], x_padded = [tail | x] along time; fp64, values,
 new tail and the gradients of x, the tail and the weight, with and without an incoming tail and for
-inputs shorter than the tail.
+inputs shorter than the tail; bf16 inputs summed in fp32.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def explicit_conv(x, tail, weight):
     return y, padded[:, seq_len:].transpose(1, 2)
 
 
-@pytest.mark.parametrize("seq_len, with_tail", [(9, True), (9, False), (2, True)])
+@pytest.mark.parametrize("seq_len, with_tail", [(9, True), (9, False), (2, True), (130, True)])
 def test_causal_conv_matches_explicit_sum(seq_len, with_tail):
     torch.manual_seed(seq_len)
     conv = CausalConv(CHANNELS, KERNEL).double()
@@ -39,3 +39,18 @@ def test_causal_conv_matches_explicit_sum(seq_len, with_tail):
     want = torch.autograd.grad((want_y, want_tail), wrt, upstream)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_input_is_summed_in_fp32_and_keeps_its_dtype():
+    """A bf16 input with fp32 weights (as under autocast): bf16 out, within one bf16 rounding of
+    the exact sum (a sum accumulated in bf16 rounds at every tap)."""
+    torch.manual_seed(0)
+    conv = CausalConv(CHANNELS, KERNEL)
+    x = torch.randn(2, 9, CHANNELS).bfloat16().requires_grad_()
+    y, _ = conv(x, None)
+    assert y.dtype == torch.bfloat16
+    want, _ = explicit_conv(x.double(), torch.zeros(2, CHANNELS, KERNEL - 1, dtype=torch.float64),
+                            conv.weight.double())
+    torch.testing.assert_close(y.double(), want, rtol=2 ** -8, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32

@@ -381,8 +381,11 @@ def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weig
     y, *states = function.apply(
         options, *(x.reshape(groups, seq_len, dim) for x in (q, k, v)), *(x.flatten(0, 1) for x in gates), *states
     )
-    weights_out = [s[:, :, 0].unflatten(0, (batch, heads)).contiguous() for s in states]
-    momentum_out = [s[:, :, 1].unflatten(0, (batch, heads)).contiguous() for s in states]
+    # unbind, not two selects: its backward stacks the two gradients, where each select's would
+    # write into a buffer of zeros of the whole state.
+    unbound = [state.unbind(2) for state in states]
+    weights_out = [w.unflatten(0, (batch, heads)).contiguous() for w, _ in unbound]
+    momentum_out = [s.unflatten(0, (batch, heads)).contiguous() for _, s in unbound]
     return y.view(batch, heads, seq_len, dim), weights_out, momentum_out
 
 

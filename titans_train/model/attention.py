@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exchange import StateExchange
-from .layers import apply_rope, split_heads
+from .layers import rope_tables, rotate, split_heads
 
 
 def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: Optional[int]) -> torch.Tensor:
@@ -45,13 +45,18 @@ class Attention(nn.Module):
         else:
             self.persistent_keys = self.persistent_values = None
 
-    def project_queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> rotated queries (B, H, T, d)."""
-        return apply_rope(split_heads(self.q_proj(x), self.n_heads), positions, self.rope_base)
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (cos, sin), each (T, d), of absolute positions (T,)."""
+        return rope_tables(positions, self.head_dim, self.rope_base, dtype)
 
-    def project_keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> rotated keys, values, each (B, H, T, d)."""
-        keys = apply_rope(split_heads(self.k_proj(x), self.n_heads), positions, self.rope_base)
+    def project_queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, T, D) and the `rope` tables of its positions -> rotated queries (B, H, T, d)."""
+        return rotate(split_heads(self.q_proj(x), self.n_heads), rope)
+
+    def project_keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) and the `rope` tables of its positions -> rotated keys, values, each (B, H, T, d)."""
+        keys = rotate(split_heads(self.k_proj(x), self.n_heads), rope)
         return keys, split_heads(self.v_proj(x), self.n_heads)
 
     def attend(self, queries: torch.Tensor, key_parts: Sequence[torch.Tensor], value_parts: Sequence[torch.Tensor],
@@ -95,8 +100,9 @@ class Attention(nn.Module):
         """
         seq_len = x.shape[1]
         positions = torch.arange(position, position + seq_len, device=x.device)
-        queries = self.project_queries(x, positions)
-        new_keys, new_values = self.project_keys_values(x, positions)
+        rope = self.rope(positions, x.dtype)
+        queries = self.project_queries(x, rope)
+        new_keys, new_values = self.project_keys_values(x, rope)
         tail = {"keys": state["keys"], "values": state["values"]}
         if exchange is not None:
             if window is None or seq_len < window - 1:

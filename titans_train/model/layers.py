@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -53,18 +54,23 @@ class HeadRMSNorm(nn.Module):
         return rms_normalize(x, self.eps) * self.weight
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) of x (B, H, T, d) at absolute positions (T,).
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, d) of the rotary embedding (rotate-half convention) at absolute positions (T,).
 
     Angles are computed from absolute positions, so a token gets the same rotation however the
-    sequence is split into calls.
+    sequence is split into calls (and a slice of the tables is the tables of the slice).
     """
-    head_dim = x.shape[-1]
-    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=angle_dtype) / head_dim)
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=angle_dtype) / head_dim)
     angles = positions.to(angle_dtype)[:, None] * inv_freq[None, :]  # (T, d/2)
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)  # (T, d)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(dtype)
+    return cos, sin
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, H, T, d) rotated by `rope_tables` (cos, sin) of its T positions."""
+    cos, sin = rope
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return x * cos + rotated * sin
@@ -113,17 +119,47 @@ class CausalConv(nn.Module):
         return x[:, x.shape[1] - keep:].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail.
-
-        The conv runs on time-major data, as a 2-D channels-last depthwise conv (B, C, 1, K-1+T):
-        the output comes back (B, T, C)-contiguous, so the heads' vectors the memory normalises
-        next are contiguous (a channel-major conv1d output made that norm and the kernel's input
-        copies strided passes). Same products and per-channel sums as conv1d.
-        """
+        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail."""
         channels = self.weight.shape[0]
         if tail is None:
             tail = x.new_zeros(x.shape[0], channels, self.kernel_size - 1)
         padded = torch.cat([tail.transpose(1, 2), x], dim=1)  # (B, K-1+T, C)
-        y = F.conv2d(padded.transpose(1, 2).unsqueeze(2), self.weight[:, None, None, :], groups=channels)
         new_tail = padded[:, padded.shape[1] - (self.kernel_size - 1):].transpose(1, 2)
-        return y.squeeze(2).transpose(1, 2), new_tail
+        return _DepthwiseCausal.apply(padded, self.weight), new_tail
+
+
+class _DepthwiseCausal(torch.autograd.Function):
+    """y[b, t, c] = sum_k weight[c, k] padded[b, t + k, c] on time-major data, as K shifted
+    multiply-adds forward and backward.
+
+    The taps are few (K = 4) and the channels contiguous, so these are K passes at memory speed.
+    A depthwise conv2d computes the same sums but its CPU backward (oneDNN) cost ~4x the whole
+    forward and backward here at T = 128 (MAC runs the memory's convs per 128-token segment).
+    """
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """padded (B, K-1+T, C), weight (C, K) -> (B, T, C) in padded's dtype, contiguous; the sums
+        in fp32 at least (as a conv accumulates)."""
+        compute = torch.promote_types(padded.dtype, torch.float32)
+        taps = weight.t().to(compute).contiguous()  # (K, C): each tap a contiguous channel vector
+        seq_len = padded.shape[1] - taps.shape[0] + 1
+        y = padded[:, :seq_len].to(compute) * taps[0]
+        for k in range(1, taps.shape[0]):
+            y.addcmul_(padded[:, k:k + seq_len], taps[k])
+        ctx.save_for_backward(padded, taps)
+        ctx.weight_dtype = weight.dtype
+        return y.to(padded.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded, taps = ctx.saved_tensors
+        seq_len = grad_y.shape[1]
+        grad_y = grad_y.to(taps.dtype)
+        grad_padded = torch.zeros_like(padded, dtype=taps.dtype)
+        for k in range(taps.shape[0]):
+            grad_padded[:, k:k + seq_len].addcmul_(grad_y, taps[k])
+        grad_weight = torch.stack([(grad_y * padded[:, k:k + seq_len]).sum((0, 1))
+                                   for k in range(taps.shape[0])], dim=1)  # (C, K)
+        return grad_padded.to(padded.dtype), grad_weight.to(ctx.weight_dtype)

@@ -144,7 +144,7 @@ class NeuralMemory(nn.Module):
 
         open_len = state["open_keys"].shape[2]
         # The open block's tokens are re-run; their queries are irrelevant (outputs discarded).
-        q_all = _prepend(q.new_zeros(*q.shape[:2], open_len, q.shape[3]), q)
+        q_all = _prepend(q.new_zeros(*q.shape[:2], open_len, q.shape[3]), q) if open_len else q
         k_all = _prepend(state["open_keys"], k)
         v_all = _prepend(state["open_values"], v)
         theta_all = _prepend(state["open_theta"], theta)
@@ -176,7 +176,9 @@ class NeuralMemory(nn.Module):
             outputs.append(y)
             if stop == closed:  # the open tail keeps its block-start weights
                 weights, momentum = next_weights, next_momentum
-        y = torch.cat(outputs, dim=2)[:, :, open_len:]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        if open_len:  # (a whole-length slice would still cost its backward a buffer of zeros)
+            y = y[:, :, open_len:]
 
         new_state = {f"weights.{layer}": w for layer, w in enumerate(weights)}
         new_state.update({f"momentum.{layer}": s for layer, s in enumerate(momentum)})

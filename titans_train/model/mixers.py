@@ -222,33 +222,43 @@ class MACMixer(nn.Module):
                              "input depends on the incoming memory); run it with the whole state")
         seq_len = x.shape[1]
         positions = torch.arange(position, position + seq_len, device=x.device)
-        # Everything computed from x alone is done for the whole call at once.
+        # The call's pieces: the rest of the open segment, whole segments, an open tail.
+        offsets, lengths = [], []
+        start = 0
+        while start < seq_len:
+            offsets.append((position + start) % self.segment_len)  # tokens of this segment seen before
+            lengths.append(min(seq_len - start, self.segment_len - offsets[-1]))
+            start += lengths[-1]
+        # Everything computed from x alone is done for the whole call at once, then split into the
+        # pieces (one split: its backward joins the pieces' gradients in one copy, where slices
+        # would each add into a whole-call buffer of zeros).
+        rope = self.attention.rope(positions, x.dtype)
         retrieve_queries, retrieve_conv = self.memory.query(x, state["retrieve_conv_q"])  # (B, Hm, T, d)
-        queries = self.attention.project_queries(x, positions)  # (B, H, T, d)
-        keys_x, values_x = self.attention.project_keys_values(x, positions)
+        keys_x, values_x = self.attention.project_keys_values(x, rope)  # (B, H, T, d)
+        from_x = zip(retrieve_queries.split(lengths, dim=2), self.attention.project_queries(x, rope).split(lengths, dim=2),
+                     keys_x.split(lengths, dim=2), values_x.split(lengths, dim=2),
+                     zip(rope[0].split(lengths), rope[1].split(lengths)))
+        masks = {}  # (offset, length) -> mask: whole segments share one
         memory_state = _sub(state, "memory")
         cache = {name: state[f"attention.{name}"] for name in MAC_CACHE}
         outputs = []
-        start = 0
-        while start < seq_len:
-            offset = (position + start) % self.segment_len  # tokens of this segment seen before
-            length = min(seq_len - start, self.segment_len - offset)
-            piece = slice(start, start + length)
+        for offset, length, (retrieve_query, queries, keys, values, piece_rope) in zip(offsets, lengths, from_x):
             segment_start_weights = tuple(memory_state[f"weights.{layer}"]
                                           for layer in range(len(self.memory.initial_weights)))
-            retrieved = self.memory.retrieve(segment_start_weights, retrieve_queries[:, :, piece])
-            keys_h, values_h = self.attention.project_keys_values(merge_heads(retrieved), positions[piece])
-            # Token j of the segment sees h_i and x_i for i <= j (segment-relative indices).
-            causal = window_mask(torch.arange(offset, offset + length, device=x.device),
-                                 torch.arange(offset + length, device=x.device), None)
+            retrieved = self.memory.retrieve(segment_start_weights, retrieve_query)
+            keys_h, values_h = self.attention.project_keys_values(merge_heads(retrieved), piece_rope)
+            if (offset, length) not in masks:
+                # Token j of the segment sees h_i and x_i for i <= j (segment-relative indices).
+                causal = window_mask(torch.arange(offset, offset + length, device=x.device),
+                                     torch.arange(offset + length, device=x.device), None)
+                masks[offset, length] = torch.cat([causal, causal], dim=1)
             attended = self.attention.attend(
-                queries[:, :, piece],
-                [cache["memory_keys"], keys_h, cache["keys"], keys_x[:, :, piece]],
-                [cache["memory_values"], values_h, cache["values"], values_x[:, :, piece]],
-                torch.cat([causal, causal], dim=1),
+                queries,
+                [cache["memory_keys"], keys_h, cache["keys"], keys],
+                [cache["memory_values"], values_h, cache["values"], values],
+                masks[offset, length],
             )  # (B, H, length, d)
-            segment_parts = {"memory_keys": keys_h, "memory_values": values_h,
-                             "keys": keys_x[:, :, piece], "values": values_x[:, :, piece]}
+            segment_parts = {"memory_keys": keys_h, "memory_values": values_h, "keys": keys, "values": values}
             if offset + length == self.segment_len:
                 # The segment is closed: its cache is dropped. Empty views of this segment's keys,
                 # not of the incoming cache (which requires grad only on a rank that received it):
@@ -263,7 +273,6 @@ class MACMixer(nn.Module):
             # y's channels pair with the memory heads' channels (under tensor parallelism the
             # attention output projection hands each rank the channels of its own heads).
             outputs.append(split_heads(y, self.memory.n_memory_heads) * updated)  # (B, Hm, length, d)
-            start += length
         out = self.output(torch.cat(outputs, dim=2), x)
         new_state = {f"attention.{name}": value for name, value in cache.items()}
         new_state.update(_prefixed("memory", memory_state))
