@@ -6,7 +6,9 @@
 
 Prints, per variant: parameters, median tokens/s over the measured steps (after warm-up), the
 ratio to the transformer baseline measured in the same process, the achieved GFLOP/s from the
-analytic `flops_per_token` and its ratio to the transformer's. `--memory-implementations` times
+analytic `flops_per_token` and its ratio to the transformer's. The models step in turn (one step
+of each per round) and the ratios are medians of per-round ratios, so a machine whose speed drifts
+affects the baseline and the variant alike. `--memory-implementations` times
 every memory variant once per memory_scan implementation (`auto` is what a run uses: the C++
 kernel on CPU), in the same process as the baseline. Random tokens: throughput does not depend on
 the data.
@@ -59,22 +61,27 @@ def make_optimizer(model: TitansLM) -> torch.optim.Optimizer:
     ], lr=1e-3)
 
 
-def step_times(model: TitansLM, args: argparse.Namespace) -> list[float]:
-    optimizer = make_optimizer(model)
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(args.warmup + args.steps):
-        tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1), generator=generator)
+class Stepper:
+    """One model with its optimizer and batch stream: `step()` times one training step."""
+
+    def __init__(self, model: TitansLM, args: argparse.Namespace):
+        self.model, self.args = model, args
+        self.optimizer = make_optimizer(model)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def step(self) -> float:
+        args = self.args
+        tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1), generator=self.generator)
         start = time.perf_counter()
-        logits = model(tokens[:, :-1]).logits
+        logits = self.model(tokens[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
-    return times[args.warmup:]
+        return elapsed
 
 
 @contextlib.contextmanager
@@ -106,22 +113,34 @@ def main() -> None:
           f"segment {args.segment_len}, window {args.window}, {args.warmup} warm-up + {args.steps} steps")
     print(f"{'variant':<18} {'params':>9} {'tokens/s':>9} {'vs transformer':>15} {'GFLOP/s':>8} "
           f"{'GFLOP/s vs tr.':>15}  step times (s)")
-    baseline = None
+    runs = []  # (name, config, n_params, Stepper, implementation)
     for variant in variants:
-        implementations = [None] if variant in MEMORY_FREE else args.memory_implementations
-        for implementation in implementations:
+        for implementation in [None] if variant in MEMORY_FREE else args.memory_implementations:
             torch.manual_seed(0)
             config = build_config(variant, args)
             model = TitansLM(config)
-            n_params = sum(p.numel() for p in model.parameters())
-            with memory_implementation(implementation) if implementation else contextlib.nullcontext():
-                times = step_times(model, args)
-            tokens_per_s = args.batch * args.seq_len / statistics.median(times)
-            gflops = tokens_per_s * flops_per_token(config, args.seq_len) / 1e9
-            baseline = baseline or (tokens_per_s, gflops)
             name = f"{variant}[{implementation}]" if implementation else variant
-            print(f"{name:<18} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {tokens_per_s / baseline[0]:>15.2f} "
-                  f"{gflops:>8.1f} {gflops / baseline[1]:>15.2f}  {' '.join(f'{t:.2f}' for t in times)}", flush=True)
+            runs.append((name, config, sum(p.numel() for p in model.parameters()), Stepper(model, args),
+                         implementation))
+    # Round-robin: every round takes one step of each model, so that a change in the machine's speed
+    # (seen here: the same matmul at 1x-4x within minutes) falls on all of them alike.
+    times = {name: [] for name, *_ in runs}
+    for _ in range(args.warmup + args.steps):
+        for name, _, _, stepper, implementation in runs:
+            with memory_implementation(implementation) if implementation else contextlib.nullcontext():
+                times[name].append(stepper.step())
+    baseline_times = times[runs[0][0]][args.warmup:]
+    baseline_flops = flops_per_token(runs[0][1], args.seq_len)
+    for name, config, n_params, _, _ in runs:
+        measured = times[name][args.warmup:]
+        tokens_per_s = args.batch * args.seq_len / statistics.median(measured)
+        gflops = tokens_per_s * flops_per_token(config, args.seq_len) / 1e9
+        # Ratios per round (the baseline's step of the same round), then their median.
+        speed = statistics.median(b / t for b, t in zip(baseline_times, measured))
+        flops_ratio = speed * flops_per_token(config, args.seq_len) / baseline_flops
+        print(f"{name:<18} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {speed:>15.2f} "
+              f"{gflops:>8.1f} {flops_ratio:>15.2f}  {' '.join(f'{t:.2f}' for t in measured)}", flush=True)
+
 
 if __name__ == "__main__":
     main()
