@@ -54,7 +54,8 @@ class HeadRMSNorm(nn.Module):
         return rms_normalize(x, self.eps) * self.weight
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (T, d) of the rotary embedding (rotate-half convention) at absolute positions (T,).
 
     Angles are computed from absolute positions, so a token gets the same rotation however the

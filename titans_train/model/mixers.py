@@ -235,8 +235,8 @@ class MACMixer(nn.Module):
         rope = self.attention.rope(positions, x.dtype)
         retrieve_queries, retrieve_conv = self.memory.query(x, state["retrieve_conv_q"])  # (B, Hm, T, d)
         keys_x, values_x = self.attention.project_keys_values(x, rope)  # (B, H, T, d)
-        from_x = zip(retrieve_queries.split(lengths, dim=2), self.attention.project_queries(x, rope).split(lengths, dim=2),
-                     keys_x.split(lengths, dim=2), values_x.split(lengths, dim=2),
+        queries = self.attention.project_queries(x, rope)  # (B, H, T, d)
+        from_x = zip(*(tensor.split(lengths, dim=2) for tensor in (retrieve_queries, queries, keys_x, values_x)),
                      zip(rope[0].split(lengths), rope[1].split(lengths)))
         masks = {}  # (offset, length) -> mask: whole segments share one
         memory_state = _sub(state, "memory")
