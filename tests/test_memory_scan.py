@@ -417,19 +417,19 @@ def test_auto_falls_back_to_fused_with_one_warning_when_the_extension_cannot_loa
 
     from titans_train.kernels.memory_scan.cpu import ExtensionBuildError
 
-    scan_module = importlib.import_module("titans_train.kernels.memory_scan.scan")
+    build_module = importlib.import_module("titans_train.kernels.memory_scan.cpu.build")
     cpp_module = importlib.import_module("titans_train.kernels.memory_scan.cpu.scan")
 
     def no_compiler():
         raise ExtensionBuildError("cannot build the memory_scan C++ extension (g++: not found); apt-get install g++")
 
-    monkeypatch.setattr(scan_module, "cpp_extension", no_compiler)
+    monkeypatch.setattr(build_module, "extension", no_compiler)
     monkeypatch.setattr(cpp_module, "extension", no_compiler)
-    scan_module._cpp_loads.cache_clear()
+    build_module.extension_loads.cache_clear()
     try:
         tensors, weights, momentum = make_inputs(9, 2, torch.float64, seed=3)
         tensors = [x.requires_grad_() for x in tensors]
-        with pytest.warns(UserWarning, match="apt-get install g\\+\\+.*runs 'fused' instead") as caught:
+        with pytest.warns(UserWarning, match="apt-get install g\\+\\+.*run their PyTorch forms instead") as caught:
             y, _ = memory_scan(*tensors, weights, momentum, chunk_size=4)
             memory_scan(*tensors, weights, momentum, chunk_size=4)
         assert len([w for w in caught if "C++ extension" in str(w.message)]) == 1
@@ -437,4 +437,4 @@ def test_auto_falls_back_to_fused_with_one_warning_when_the_extension_cannot_loa
         with pytest.raises(ExtensionBuildError, match="apt-get install g"):
             memory_scan(*tensors, weights, momentum, chunk_size=4, implementation="cpp")
     finally:
-        scan_module._cpp_loads.cache_clear()  # the real extension for the tests that follow
+        build_module.extension_loads.cache_clear()  # the real extension for the tests that follow

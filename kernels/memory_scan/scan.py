@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
-import warnings
 
 import torch
 
 from .chunked import chunked_scan
-from .cpu import ExtensionBuildError, cpp_scan
-from .cpu import extension as cpp_extension
+from .cpu import cpp_scan, extension_loads
 from .fused import fused_scan
 from .mlp import ACTIVATIONS
 
@@ -33,17 +30,6 @@ def _triton_scan():
     return triton_scan
 
 
-@functools.lru_cache(maxsize=None)
-def _cpp_loads() -> bool:
-    """Whether the C++ extension builds and loads; asked once per process, a failure warns once."""
-    try:
-        cpp_extension()
-    except ExtensionBuildError as error:
-        warnings.warn(f"{error}; memory_scan implementation='auto' runs 'fused' instead", stacklevel=3)
-        return False
-    return True
-
-
 def _resolve_implementation(implementation, tensors, depth):
     """`auto`: triton for CUDA inputs it supports (depth 1-2, fp32/bf16/fp16), cpp for CPU tensors
     (every dtype, computed in fp32 or fp64) when the extension loads, fused otherwise."""
@@ -51,7 +37,7 @@ def _resolve_implementation(implementation, tensors, depth):
         supported = depth in TRITON_DEPTHS and all(x.dtype in TRITON_DTYPES for x in tensors)
         if tensors[0].is_cuda and supported:
             return "triton"
-        return "cpp" if tensors[0].device.type == "cpu" and _cpp_loads() else "fused"
+        return "cpp" if tensors[0].device.type == "cpu" and extension_loads() else "fused"
     return implementation
 
 

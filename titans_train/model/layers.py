@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+
+from titans_train.kernels import conv_features
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -90,16 +91,19 @@ class SwiGLU(nn.Module):
 
 
 class CausalConv(nn.Module):
-    """Causal depthwise conv1d over time with a carried tail.
+    """The neural memory's q, k or v features: SiLU of a causal depthwise conv1d over time with a
+    carried tail, each head's `head_dim` channels L2-normalised when head_dim > 0 (q and k).
 
     weight (C, K): channels in the order of the projection feeding it (grouped by head). The tail
     (B, C, K-1) holds the last K-1 inputs before this call; zeros at the start of a sequence equal
     the zero padding of a single whole-sequence call, so splitting a sequence changes nothing.
+    The arithmetic is `titans_train.kernels.conv_features` (a C++ op on CPU).
     """
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, head_dim: int = 0):
         super().__init__()
         self.kernel_size = kernel_size
+        self.head_dim = head_dim
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
         self.reset_parameters()
 
@@ -120,47 +124,10 @@ class CausalConv(nn.Module):
         return x[:, x.shape[1] - keep:].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> (B, T, C), new tail."""
+        """x (B, T, C), tail (B, C, K-1) or None (start of sequence) -> features (B, T, C), new tail."""
         channels = self.weight.shape[0]
         if tail is None:
             tail = x.new_zeros(x.shape[0], channels, self.kernel_size - 1)
         padded = torch.cat([tail.transpose(1, 2), x], dim=1)  # (B, K-1+T, C)
         new_tail = padded[:, padded.shape[1] - (self.kernel_size - 1):].transpose(1, 2)
-        return _DepthwiseCausal.apply(padded, self.weight), new_tail
-
-
-class _DepthwiseCausal(torch.autograd.Function):
-    """y[b, t, c] = sum_k weight[c, k] padded[b, t + k, c] on time-major data, as K shifted
-    multiply-adds forward and backward.
-
-    The taps are few (K = 4) and the channels contiguous, so these are K passes at memory speed.
-    A depthwise conv2d computes the same sums but its CPU backward (oneDNN) cost ~4x the whole
-    forward and backward here at T = 128 (MAC runs the memory's convs per 128-token segment).
-    """
-
-    @staticmethod
-    def forward(ctx, padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """padded (B, K-1+T, C), weight (C, K) -> (B, T, C) in padded's dtype, contiguous; the sums
-        in fp32 at least (as a conv accumulates)."""
-        compute = torch.promote_types(padded.dtype, torch.float32)
-        taps = weight.t().to(compute).contiguous()  # (K, C): each tap a contiguous channel vector
-        seq_len = padded.shape[1] - taps.shape[0] + 1
-        y = padded[:, :seq_len].to(compute) * taps[0]
-        for k in range(1, taps.shape[0]):
-            y.addcmul_(padded[:, k:k + seq_len], taps[k])
-        ctx.save_for_backward(padded, taps)
-        ctx.weight_dtype = weight.dtype
-        return y.to(padded.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        padded, taps = ctx.saved_tensors
-        seq_len = grad_y.shape[1]
-        grad_y = grad_y.to(taps.dtype)
-        grad_padded = torch.zeros_like(padded, dtype=taps.dtype)
-        for k in range(taps.shape[0]):
-            grad_padded[:, k:k + seq_len].addcmul_(grad_y, taps[k])
-        grad_weight = torch.stack([(grad_y * padded[:, k:k + seq_len]).sum((0, 1))
-                                   for k in range(taps.shape[0])], dim=1)  # (C, K)
-        return grad_padded.to(padded.dtype), grad_weight.to(ctx.weight_dtype)
+        return conv_features(padded, self.weight, self.head_dim), new_tail

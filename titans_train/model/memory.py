@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from titans_train.kernels import memory_mlp, memory_scan
@@ -47,8 +46,9 @@ class NeuralMemory(nn.Module):
         self.q_proj = nn.Linear(config.dim, inner, bias=False)
         self.k_proj = nn.Linear(config.dim, inner, bias=False)
         self.v_proj = nn.Linear(config.dim, inner, bias=False)
-        self.q_conv = CausalConv(inner, config.conv_kernel)
-        self.k_conv = CausalConv(inner, config.conv_kernel)
+        # q and k are L2-normalised per head, v is not.
+        self.q_conv = CausalConv(inner, config.conv_kernel, self.head_dim)
+        self.k_conv = CausalConv(inner, config.conv_kernel, self.head_dim)
         self.v_conv = CausalConv(inner, config.conv_kernel)
         # One scalar gate per head and token: output features are the heads.
         self.theta_proj = nn.Linear(config.dim, self.n_memory_heads, bias=True)
@@ -96,7 +96,7 @@ class NeuralMemory(nn.Module):
 
     def _queries(self, projected: torch.Tensor, conv_tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         q, tail = self.q_conv(projected, conv_tail)
-        return F.normalize(split_heads(F.silu(q), self.n_memory_heads), dim=-1), tail
+        return split_heads(q, self.n_memory_heads), tail
 
     def retrieve(self, weights: tuple[torch.Tensor, ...], q: torch.Tensor) -> torch.Tensor:
         """M_W(q) for q (B, Hm, N, d) with fixed weights (no update)."""
@@ -138,8 +138,7 @@ class NeuralMemory(nn.Module):
         q, conv_q = self._queries(projected["conv_q"], tails["conv_q"])
         k, conv_k = self.k_conv(projected["conv_k"], tails["conv_k"])
         v, conv_v = self.v_conv(projected["conv_v"], tails["conv_v"])
-        k = F.normalize(split_heads(F.silu(k), self.n_memory_heads), dim=-1)  # (B, Hm, T, d)
-        v = split_heads(F.silu(v), self.n_memory_heads)
+        k, v = split_heads(k, self.n_memory_heads), split_heads(v, self.n_memory_heads)  # (B, Hm, T, d)
         theta, eta, alpha = self._gates(x)
 
         open_len = state["open_keys"].shape[2]

@@ -16,7 +16,7 @@ def main() -> int:
         parser.error("nothing to do: pass --build")
     from .build import SOURCES, ExtensionBuildError, extension
 
-    names = " and ".join(source.name for source in SOURCES)
+    names = ", ".join(source.name for source in SOURCES)
     print(f"[memory_scan cpu] building {names} into torch's extension cache (about a minute the first time)",
           flush=True)
     started = time.perf_counter()

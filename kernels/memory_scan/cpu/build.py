@@ -1,4 +1,5 @@
-"""Compiles `memory_scan.cpp` and `gates.cpp` (one extension) on first use with torch's JIT extension builder.
+"""Compiles `memory_scan.cpp`, `gates.cpp` and `conv_features.cpp` (one extension) on first use with
+torch's JIT extension builder.
 
 The build directory is torch's extension cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), shared by every process of a user: torch's file lock lets concurrent
@@ -16,8 +17,10 @@ import functools
 import hashlib
 import pathlib
 import sys
+import warnings
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("memory_scan.cpp", "gates.cpp"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name)
+                for name in ("memory_scan.cpp", "gates.cpp", "conv_features.cpp"))
 NAME = "titans_memory_scan_cpu"
 # -fopenmp: at::parallel_for is a header template, parallel only when compiled with OpenMP; the
 # runtime it links (libgomp.so.1) is the one torch has already loaded. No -march=native: the build
@@ -42,8 +45,8 @@ class ExtensionBuildError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def extension(verbose: bool = False):
-    """The loaded extension module (`forward`, `backward`, `gates_forward`, `gates_backward`); compiled on the
-    first call per source version."""
+    """The loaded extension module (`forward`, `backward`, `gates_forward`, `gates_backward`,
+    `conv_features_forward`, `conv_features_backward`); compiled on the first call per source version."""
     from torch.utils import cpp_extension
 
     try:
@@ -54,7 +57,20 @@ def extension(verbose: bool = False):
     except (RuntimeError, OSError, ImportError) as error:
         detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ExtensionBuildError(
-            f"cannot build the memory_scan C++ extension from {' and '.join(str(s) for s in SOURCES)} ({detail}); "
+            f"cannot build the memory_scan C++ extension from {', '.join(str(s) for s in SOURCES)} ({detail}); "
             "it needs g++ and ninja (apt-get install g++; pip install ninja) - run "
             "`python -m titans_train.kernels.memory_scan.cpu --build` to see the compiler output"
         ) from error
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loads() -> bool:
+    """Whether the extension builds and loads; asked once per process, a failure warns once. The
+    "auto" implementations (memory_scan, conv_features) then run their PyTorch forms."""
+    try:
+        extension()
+    except ExtensionBuildError as error:
+        warnings.warn(f"{error}; the 'auto' implementations of memory_scan and conv_features run their "
+                      "PyTorch forms instead", stacklevel=3)
+        return False
+    return True

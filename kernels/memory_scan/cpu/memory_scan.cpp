@@ -558,9 +558,11 @@ std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const T
 }  // namespace
 
 void define_gate_ops(pybind11::module_& module);  // gates.cpp: the gate products, one extension with this file
+void define_conv_feature_ops(pybind11::module_& module);  // conv_features.cpp: the memory's q, k, v features
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &scan_forward, "memory_scan chunk loop, forward (fused.py's math), parallel over groups");
   module.def("backward", &scan_backward, "memory_scan chunk loop, backward (fused.py's math), parallel over groups");
   define_gate_ops(module);
+  define_conv_feature_ops(module);
 }
