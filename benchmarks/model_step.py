@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/model_step.py                # ~10M parameters, T=1024, batch 1
     .venv/bin/python benchmarks/model_step.py --variants transformer mac --steps 3
     .venv/bin/python benchmarks/model_step.py --memory-implementations fused auto   # before/after a kernel
+    .venv/bin/python benchmarks/model_step.py --conv-implementations reference auto
 
 Prints, per variant: parameters, median tokens/s over the measured steps (after warm-up), the
 ratio to the transformer baseline measured in the same process, the achieved GFLOP/s from the
@@ -10,7 +11,8 @@ analytic `flops_per_token` and its ratio to the transformer's. The models step i
 of each per round) and the ratios are medians of per-round ratios, so a machine whose speed drifts
 affects the baseline and the variant alike. `--memory-implementations` times
 every memory variant once per memory_scan implementation (`auto` is what a run uses: the C++
-kernel on CPU), in the same process as the baseline. Random tokens: throughput does not depend on
+kernel on CPU), in the same process as the baseline; `--conv-implementations` likewise for the
+memory's conv features (`kernels.conv_features`). Random tokens: throughput does not depend on
 the data.
 """
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_train.model import VARIANTS, TitansConfig, TitansLM, no_weight_decay
+from titans_train.model import layers as layers_module
 from titans_train.model import memory as memory_module
 from titans_train.model.flops import flops_per_token
 
@@ -85,14 +88,15 @@ class Stepper:
 
 
 @contextlib.contextmanager
-def memory_implementation(implementation: str):
-    """The model's memory layers call memory_scan with this `implementation`."""
-    scan = memory_module.memory_scan
-    memory_module.memory_scan = functools.partial(scan, implementation=implementation)
+def implementations(memory_scan: str, conv_features: str):
+    """The model's memory layers call memory_scan and conv_features with these implementations."""
+    scan, features = memory_module.memory_scan, layers_module.conv_features
+    memory_module.memory_scan = functools.partial(scan, implementation=memory_scan)
+    layers_module.conv_features = functools.partial(features, implementation=conv_features)
     try:
         yield
     finally:
-        memory_module.memory_scan = scan
+        memory_module.memory_scan, layers_module.conv_features = scan, features
 
 
 def main() -> None:
@@ -105,21 +109,29 @@ def main() -> None:
     parser.add_argument("--memory-implementations", nargs="+", default=["auto"],
                         choices=("auto", "cpp", "fused", "autograd"),
                         help="memory_scan implementations to time each memory variant with (default: auto)")
+    parser.add_argument("--conv-implementations", nargs="+", default=["auto"], choices=("auto", "cpp", "reference"),
+                        help="conv_features implementations to time each memory variant with (default: auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["transformer"] + [v for v in args.variants if v != "transformer"]
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x T {args.seq_len}, "
           f"dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, chunk {args.chunk_size}, "
           f"segment {args.segment_len}, window {args.window}, {args.warmup} warm-up + {args.steps} steps")
-    print(f"{'variant':<18} {'params':>9} {'tokens/s':>9} {'vs transformer':>15} {'GFLOP/s':>8} "
+    print(f"{'variant':<26} {'params':>9} {'tokens/s':>9} {'vs transformer':>15} {'GFLOP/s':>8} "
           f"{'GFLOP/s vs tr.':>15}  step times (s)")
-    runs = []  # (name, config, n_params, Stepper, implementation)
+    runs = []  # (name, config, n_params, Stepper, (memory_scan, conv_features) implementations or None)
+    combinations = [(scan, conv) for scan in args.memory_implementations for conv in args.conv_implementations]
     for variant in variants:
-        for implementation in [None] if variant in MEMORY_FREE else args.memory_implementations:
+        for implementation in [None] if variant in MEMORY_FREE else combinations:
             torch.manual_seed(0)
             config = build_config(variant, args)
             model = TitansLM(config)
-            name = f"{variant}[{implementation}]" if implementation else variant
+            if implementation is None:
+                name = variant
+            elif len(args.conv_implementations) == 1:
+                name = f"{variant}[{implementation[0]}]"
+            else:
+                name = f"{variant}[{implementation[0]},conv {implementation[1]}]"
             runs.append((name, config, sum(p.numel() for p in model.parameters()), Stepper(model, args),
                          implementation))
     # Round-robin: every round takes one step of each model, so that a change in the machine's speed
@@ -127,7 +139,7 @@ def main() -> None:
     times = {name: [] for name, *_ in runs}
     for _ in range(args.warmup + args.steps):
         for name, _, _, stepper, implementation in runs:
-            with memory_implementation(implementation) if implementation else contextlib.nullcontext():
+            with implementations(*implementation) if implementation else contextlib.nullcontext():
                 times[name].append(stepper.step())
     baseline_times = times[runs[0][0]][args.warmup:]
     baseline_flops = flops_per_token(runs[0][1], args.seq_len)
@@ -138,7 +150,7 @@ def main() -> None:
         # Ratios per round (the baseline's step of the same round), then their median.
         speed = statistics.median(b / t for b, t in zip(baseline_times, measured))
         flops_ratio = speed * flops_per_token(config, args.seq_len) / baseline_flops
-        print(f"{name:<18} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {speed:>15.2f} "
+        print(f"{name:<26} {n_params / 1e6:>8.2f}M {tokens_per_s:>9.0f} {speed:>15.2f} "
               f"{gflops:>8.1f} {flops_ratio:>15.2f}  {' '.join(f'{t:.2f}' for t in measured)}", flush=True)
 
 

@@ -5,7 +5,7 @@ normalisation, for sequences shorter than the kernel, one row block and several 
 gradient's fixed split); fp64 to 1e-12, fp32 to 1e-5; bf16 inputs against the fp64 reference within
 one bf16 rounding (the op sums and activates in fp32 and rounds once). A head whose features are
 all zero takes F.normalize's eps branch. `auto` runs the C++ op on CPU, the reference when the
-extension cannot load.
+extension cannot load. The bits do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -101,3 +101,19 @@ def test_bad_arguments_name_the_fix():
         conv_features(padded, weight, 3)
     with pytest.raises(ValueError, match="implementation must be one of"):
         conv_features(padded, weight, 0, "triton")
+
+
+def test_same_bits_on_one_and_two_threads():
+    """Rows are independent and the weight gradient sums fixed blocks of rows in order: the thread
+    count does not change a bit."""
+    padded, weight, grad = inputs(2, 300, 32, torch.float32, seed=7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(run("cpp", padded, weight, grad, 8))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
