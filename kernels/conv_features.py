@@ -86,8 +86,11 @@ class _CppConvFeatures(torch.autograd.Function):
 
 
 @torch.compiler.disable
-def _cpp_conv_features(padded, weight, head_dim):
-    # Opaque to torch.compile, as memory_scan's kernels are; eager inside a compiled model.
+def _cpu_conv_features(padded, weight, head_dim, implementation):
+    """"cpp", or "auto" on CPU: the C++ op when the extension loads. Opaque to torch.compile (one graph
+    break, the extension check included), as memory_scan's kernels are; eager inside a compiled model."""
+    if implementation == "auto" and not extension_loads():
+        return reference_conv_features(padded, weight, head_dim)
     return _CppConvFeatures.apply(padded, weight, head_dim)
 
 
@@ -100,8 +103,6 @@ def conv_features(padded: torch.Tensor, weight: torch.Tensor, head_dim: int = 0,
     if head_dim < 0 or (head_dim and padded.shape[-1] % head_dim):
         raise ValueError(f"head_dim must be 0 (no normalisation) or divide the {padded.shape[-1]} channels, "
                          f"got {head_dim}")
-    if implementation == "auto":
-        implementation = "cpp" if padded.device.type == "cpu" and extension_loads() else "reference"
-    if implementation == "cpp":
-        return _cpp_conv_features(padded, weight, head_dim)
-    return reference_conv_features(padded, weight, head_dim)
+    if implementation == "reference" or (implementation == "auto" and padded.device.type != "cpu"):
+        return reference_conv_features(padded, weight, head_dim)
+    return _cpu_conv_features(padded, weight, head_dim, implementation)
