@@ -103,6 +103,8 @@ def conv_features(padded: torch.Tensor, weight: torch.Tensor, head_dim: int = 0,
     if head_dim < 0 or (head_dim and padded.shape[-1] % head_dim):
         raise ValueError(f"head_dim must be 0 (no normalisation) or divide the {padded.shape[-1]} channels, "
                          f"got {head_dim}")
-    if implementation == "reference" or (implementation == "auto" and padded.device.type != "cpu"):
+    # No step to compute (padded holds only the tail): the reference's empty output and gradients.
+    empty = padded.shape[1] < weight.shape[1]
+    if implementation == "reference" or empty or (implementation == "auto" and padded.device.type != "cpu"):
         return reference_conv_features(padded, weight, head_dim)
     return _cpu_conv_features(padded, weight, head_dim, implementation)

@@ -5,7 +5,7 @@ normalisation, for sequences shorter than the kernel, one row block and several 
 gradient's fixed split); fp64 to 1e-12, fp32 to 1e-5; bf16 inputs against the fp64 reference within
 one bf16 rounding (the op sums and activates in fp32 and rounds once). A head whose features are
 all zero takes F.normalize's eps branch. `auto` runs the C++ op on CPU, the reference when the
-extension cannot load. The bits do not depend on the thread count.
+extension cannot load (and for no steps at all). The bits do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -117,3 +117,11 @@ def test_same_bits_on_one_and_two_threads():
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "auto"])
+def test_no_steps_give_empty_features_and_zero_gradients(implementation):
+    padded, weight, grad = inputs(2, 0, 8, torch.float64, seed=4)
+    got = run(implementation, padded, weight, grad, 4)
+    assert got[0].shape == (2, 0, 8)
+    assert torch.count_nonzero(got[1]) == 0 and torch.count_nonzero(got[2]) == 0
