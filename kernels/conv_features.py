@@ -87,8 +87,8 @@ class _CppConvFeatures(torch.autograd.Function):
 
 @torch.compiler.disable
 def _cpu_conv_features(padded, weight, head_dim, implementation):
-    """"cpp", or "auto" on CPU: the C++ op when the extension loads. Opaque to torch.compile (one graph
-    break, the extension check included), as memory_scan's kernels are; eager inside a compiled model."""
+    """The C++ op for "cpp", and for "auto" on CPU when the extension loads. Opaque to torch.compile (one
+    graph break, the extension check included), as memory_scan's kernels are; eager inside a compiled model."""
     if implementation == "auto" and not extension_loads():
         return reference_conv_features(padded, weight, head_dim)
     return _CppConvFeatures.apply(padded, weight, head_dim)

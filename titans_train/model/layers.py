@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm (whole vector and per head), RoPE, SwiGLU, causal depthwise conv."""
+"""Building blocks: RMSNorm (whole vector and per head), RoPE, SwiGLU, the memory's causal conv features."""
 
 from __future__ import annotations
 

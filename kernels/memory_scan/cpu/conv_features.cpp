@@ -56,7 +56,19 @@ Tensor taps_of(const Tensor& weight, const Tensor& padded) {
   return weight.t().to(compute_type(padded)).contiguous();
 }
 
+// feature = silu(z) = z s of one head's `group` channels (s = sigmoid(z)); returns the sum of squares.
+template <typename acc_t>
+acc_t silu_head(const acc_t* z, const acc_t* s, acc_t* feature, int64_t group) {
+  acc_t squares = 0;
+  for (int64_t i = 0; i < group; ++i) {
+    feature[i] = z[i] * s[i];
+    squares += feature[i] * feature[i];
+  }
+  return squares;
+}
+
 void check_inputs(const Tensor& padded, const Tensor& weight, int64_t head_dim) {
+  TORCH_CHECK(padded.device().is_cpu() && weight.device().is_cpu(), "conv_features: the C++ op takes CPU tensors");
   TORCH_CHECK(padded.dim() == 3 && weight.dim() == 2 && padded.size(2) == weight.size(0),
               "conv_features: padded (B, K-1+T, C) and weight (C, K) expected");
   TORCH_CHECK(padded.size(1) >= weight.size(1), "conv_features: padded holds fewer than K steps");
@@ -81,12 +93,7 @@ Tensor features_forward(const Tensor& padded_in, const Tensor& weight, int64_t h
     at::parallel_for(0, conv.numel() / group, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> feature(group);
       for (int64_t h = begin; h < end; ++h) {
-        const acc_t *z = zs + h * group, *s = ss + h * group;
-        acc_t squares = 0;
-        for (int64_t i = 0; i < group; ++i) {
-          feature[i] = z[i] * s[i];
-          squares += feature[i] * feature[i];
-        }
+        const acc_t squares = silu_head(zs + h * group, ss + h * group, feature.data(), group);
         const acc_t scale = head_dim > 0 ? acc_t(1) / std::max(std::sqrt(squares), acc_t(kNormEps)) : acc_t(1);
         scalar_t* o = os + h * group;
         for (int64_t i = 0; i < group; ++i) o[i] = static_cast<scalar_t>(feature[i] * scale);
@@ -121,12 +128,7 @@ std::vector<Tensor> features_backward(const Tensor& grad_out_in, const Tensor& p
         acc_t* z = gz + h * group;
         const acc_t* s = ss + h * group;
         const scalar_t* g = gs + h * group;
-        acc_t squares = 0;
-        for (int64_t i = 0; i < group; ++i) {
-          feature[i] = z[i] * s[i];
-          squares += feature[i] * feature[i];
-        }
-        const acc_t norm = std::sqrt(squares);
+        const acc_t norm = std::sqrt(silu_head(z, s, feature.data(), group));
         // Below eps F.normalize divides by eps, a constant: the gradient is g / eps.
         const bool scaled = head_dim > 0 && norm >= acc_t(kNormEps);
         const acc_t inverse = head_dim == 0 ? acc_t(1) : acc_t(1) / std::max(norm, acc_t(kNormEps));
