@@ -35,6 +35,11 @@ HUBER_DELTA = 1e-3
 PARAMETERS = ("E", "A", "B", "alpha", "beta")
 MIN_ROWS = 6  # more runs than the law's 5 parameters
 MIN_DISTINCT = 3  # a power law plus a constant along an axis needs three distinct values on it
+# An ill-determined fit (loss independent of N, say) lowers its objective by running a = log A off
+# along a ray with alpha -> 0; where the optimiser then stops (overflow, or a finite 1e213) is up to
+# the CPU's floating point. Capping log A and log B makes every run-off stop at the cap, which reads
+# as unbounded; a real law's coefficient is nowhere near e^200.
+LOG_COEFFICIENT_CAP = 200.0
 N_COLUMNS = ("params", "parameters", "N", "n_params")
 D_COLUMNS = ("tokens", "D", "n_tokens")
 LOSS_COLUMNS = ("val_loss", "loss", "L", "final_val_loss")
@@ -82,6 +87,7 @@ def _minimise(starts: np.ndarray, log_n, log_d, log_loss) -> tuple[np.ndarray, f
     best, best_value = None, math.inf
     for start in starts:
         result = minimize(_objective, start, args=(log_n, log_d, log_loss), jac=True, method="L-BFGS-B",
+                          bounds=[(None, LOG_COEFFICIENT_CAP)] * 2 + [(None, None)] * 3,
                           options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12})
         if np.all(np.isfinite(result.x)) and result.fun < best_value:
             best, best_value = result.x, float(result.fun)
@@ -94,8 +100,12 @@ def _best_grid_points(grid: np.ndarray, count: int, log_n, log_d, log_loss) -> n
 
 def law_parameters(theta: np.ndarray) -> dict[str, float]:
     a, b, e, alpha, beta = theta
-    with np.errstate(over="ignore"):  # a resample may push a or b off to infinity: kept as inf
-        return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": float(alpha),
+
+    def coefficient(log_value):  # a run-off to the cap is an infinite coefficient
+        return math.inf if log_value >= LOG_COEFFICIENT_CAP else float(np.exp(log_value))
+
+    with np.errstate(over="ignore"):
+        return {"E": float(np.exp(e)), "A": coefficient(a), "B": coefficient(b), "alpha": float(alpha),
                 "beta": float(beta)}
 
 
