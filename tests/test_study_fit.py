@@ -13,7 +13,8 @@ import pytest
 
 from titans_train.config import ConfigError
 from titans_train.study.collect import write_table
-from titans_train.study.fit import _objective, compute_optimal, fit_law, fit_table, format_fit, predict
+from titans_train.study.fit import (LOG_COEFFICIENT_CAP, _objective, compute_optimal, fit_law, fit_table, format_fit,
+                                    law_parameters, predict)
 
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al.'s estimates
 SIZES = [3e5, 1e6, 3e6, 1e7]
@@ -178,3 +179,11 @@ def test_an_ill_determined_fit_reports_unbounded_intervals_as_json_nulls():
     assert fit["A"]["high"] is None  # unbounded, said so rather than dropped
     assert fit["beta"]["low"] <= 0.25 <= fit["beta"]["high"]  # the identified part is still right
     assert "all: 16 runs" in format_fit(result) and "unbounded" in format_fit(result)
+
+
+def test_a_log_coefficient_at_its_cap_reads_as_infinite_and_below_it_as_its_exponential():
+    """The fit bounds a = log A and b = log B at the cap: a run-off ends there, on every CPU."""
+    capped = law_parameters(np.array([LOG_COEFFICIENT_CAP, LOG_COEFFICIENT_CAP, 0.5, 0.3, 0.3]))
+    assert capped["A"] == math.inf and capped["B"] == math.inf and not math.isinf(capped["E"])
+    below = law_parameters(np.array([LOG_COEFFICIENT_CAP - 1.0, 5.0, 0.5, 0.3, 0.3]))
+    assert below["A"] == pytest.approx(math.exp(LOG_COEFFICIENT_CAP - 1.0)) and below["B"] == pytest.approx(math.exp(5.0))
