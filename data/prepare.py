@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -72,11 +73,20 @@ class _SourceTokens:
 # --- worker side (process pool) ---------------------------------------------------------------
 
 _worker_tokenizer = None
+_worker_abort = None  # the pool's multiprocessing.Event: set, the queued tasks are skipped
 
 
-def _init_worker(tokenizer_spec: str, eos_token: str | None) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_spec: str, eos_token: str | None, abort=None) -> None:
+    global _worker_tokenizer, _worker_abort
     _worker_tokenizer = load_tokenizer(tokenizer_spec, eos_token)
+    _worker_abort = abort
+
+
+def _unless_aborted(function, item):
+    """Worker: function(item), or None once the pool is stopping after an error (see _Workers)."""
+    if _worker_abort is not None and _worker_abort.is_set():
+        return None
+    return function(item)
 
 
 def _tokenize_batch(item: tuple[int, list[str], bool]) -> tuple[int, np.ndarray, int, int, bool]:
@@ -176,11 +186,13 @@ class _TokenFile:
         })
 
 
-def _tokenize_file_job(job: tuple[int, _SourceTokens, str]) -> tuple[int, _SourceTokens]:
+def _tokenize_file_job(job: tuple[int, _SourceTokens, str]) -> tuple[int, _SourceTokens] | None:
     """Worker: read, tokenize and write one whole source file (used when there are many files)."""
     file_index, source, reading = job
     token_file = _TokenFile(source, token_dtype(_worker_tokenizer.vocab_size))
     for batch in _document_batches([(file_index, source.path)], reading):
+        if _worker_abort is not None and _worker_abort.is_set():
+            return None  # the pool is stopping after an error; the temporary file is never renamed
         _, tokens, num_documents, text_bytes, _ = _tokenize_batch(batch)
         token_file.append(tokens, num_documents, text_bytes)
     token_file.finish()
@@ -287,21 +299,59 @@ def _start_output(output_dir: str, overwrite: bool) -> None:
     os.makedirs(os.path.join(output_dir, WORK_DIR), exist_ok=True)
 
 
+class _Workers:
+    """The process pool's imap and imap_unordered, stoppable without killing a worker mid-task.
+
+    Pool.terminate() kills workers wherever they are; one killed while writing its result (say the
+    error of a second file failing on the same full disk) holds the result queue's lock forever,
+    and terminate() then waits on it forever. So an error sets `abort` instead: the tasks not yet
+    handed out are not handed out, the queued ones return at once, the running ones finish, and
+    the pool closes and joins.
+    """
+
+    def __init__(self, pool, abort):
+        self.pool, self.abort = pool, abort
+
+    def imap(self, function, items):
+        return self.pool.imap(functools.partial(_unless_aborted, function), self._until_aborted(items))
+
+    def imap_unordered(self, function, items):
+        return self.pool.imap_unordered(functools.partial(_unless_aborted, function), self._until_aborted(items))
+
+    def _until_aborted(self, items):
+        for item in items:  # iterated by the pool's task-feeding thread
+            if self.abort.is_set():
+                return
+            yield item
+
+
 @contextlib.contextmanager
 def _worker_pool(setup: _Setup, eos_token):
-    pool = None
-    if setup.num_workers > 1:
-        # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
-        # The workers only tokenize and write files, never touch torch, so forking is safe.
-        context = multiprocessing.get_context("fork")
-        pool = _single_threaded_tokenizers(lambda: context.Pool(
-            setup.num_workers, initializer=_init_worker, initargs=(setup.tokenizer.spec, eos_token)))
+    if setup.num_workers <= 1:
+        yield None
+        return
+    # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
+    # The workers only tokenize and write files, never touch torch, so forking is safe.
+    context = multiprocessing.get_context("fork")
+    abort = context.Event()
+    pool = _single_threaded_tokenizers(lambda: context.Pool(
+        setup.num_workers, initializer=_init_worker, initargs=(setup.tokenizer.spec, eos_token, abort)))
     try:
-        yield pool
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        yield _Workers(pool, abort)
+    except Exception:
+        abort.set()
+        pool.close()
+        pool.join()
+        raise
+    except BaseException:
+        # Ctrl-C reaches the workers too and kills their tasks, whose results then never come:
+        # only terminate() ends such a pool.
+        pool.terminate()
+        pool.join()
+        raise
+    else:  # every task is done and every worker idle: nothing can be killed mid-write
+        pool.terminate()
+        pool.join()
 
 
 def _shard_jobs(setup: _Setup, sources: list[_SourceTokens], output_dir: str, seed: int, shard_bytes: int):
