@@ -144,6 +144,9 @@ def read_tp_rank_state(checkpoint: Path, mp_rank: int, zero_stage: int,
     """One state (`ZERO_STATES`) of one tp rank from ZeRO 1-3 shards, at that rank's shard shapes,
     by DeepSpeed parameter name (zero_to_fp32's merge over the ZeRO partitions); and ZeRO rank 0's
     optimizer state (memory-mapped: only the pages of `state` are read)."""
+    from titans_train.train.distributed import prepare_deepspeed_environment
+
+    prepare_deepspeed_environment()  # else importing deepspeed prints its accelerator warning on stdout
     from deepspeed.utils import zero_to_fp32
 
     suffix = f"mp_rank_{mp_rank:02d}"
