@@ -48,13 +48,18 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def mixer_step(variant: str, args: argparse.Namespace, dim: int):
-    """A closure running one forward + backward of a one-layer model's mixer at width `dim`."""
+def one_layer_mixer(variant: str, args: argparse.Namespace, dim: int):
+    """(config, mixer, random input (B, T, dim)) of a one-layer model at width `dim`, seeded."""
     torch.manual_seed(0)
     config = build_config(variant, argparse.Namespace(**{**vars(args), "dim": dim, "n_layers": 1}))
     mixer = TitansLM(config).layers[0].mixer
+    return config, mixer, torch.randn(args.batch, args.seq_len, dim, requires_grad=True)
+
+
+def mixer_step(variant: str, args: argparse.Namespace, dim: int):
+    """A closure running the forward of a one-layer model's mixer at width `dim`."""
+    _, mixer, x = one_layer_mixer(variant, args, dim)
     run = torch.compile(mixer) if args.compile else mixer
-    x = torch.randn(args.batch, args.seq_len, dim, requires_grad=True)
 
     def step():
         output, _ = run(x, mixer.initial_state(args.batch, x.device, x.dtype), 0)
@@ -64,11 +69,8 @@ def mixer_step(variant: str, args: argparse.Namespace, dim: int):
 
 
 def memory_step(args: argparse.Namespace, dim: int, calls: int):
-    """One forward + backward of an lmm layer's neural memory over T tokens in `calls` calls."""
-    torch.manual_seed(0)
-    config = build_config("lmm", argparse.Namespace(**{**vars(args), "dim": dim, "n_layers": 1}))
-    mixer = TitansLM(config).layers[0].mixer
-    x = torch.randn(args.batch, args.seq_len, dim, requires_grad=True)
+    """A closure running an lmm layer's neural memory over T tokens in `calls` calls."""
+    config, mixer, x = one_layer_mixer("lmm", args, dim)
 
     def step():
         state = mixer.memory.initial_state(args.batch, x.device, x.dtype)

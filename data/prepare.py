@@ -82,11 +82,14 @@ def _init_worker(tokenizer_spec: str, eos_token: str | None, abort=None) -> None
     _worker_abort = abort
 
 
+def _aborting() -> bool:
+    """Worker: whether the pool is stopping after an error (see _Workers)."""
+    return _worker_abort is not None and _worker_abort.is_set()
+
+
 def _unless_aborted(function, item):
-    """Worker: function(item), or None once the pool is stopping after an error (see _Workers)."""
-    if _worker_abort is not None and _worker_abort.is_set():
-        return None
-    return function(item)
+    """Worker: function(item), or None once the pool is stopping."""
+    return None if _aborting() else function(item)
 
 
 def _tokenize_batch(item: tuple[int, list[str], bool]) -> tuple[int, np.ndarray, int, int, bool]:
@@ -191,7 +194,7 @@ def _tokenize_file_job(job: tuple[int, _SourceTokens, str]) -> tuple[int, _Sourc
     file_index, source, reading = job
     token_file = _TokenFile(source, token_dtype(_worker_tokenizer.vocab_size))
     for batch in _document_batches([(file_index, source.path)], reading):
-        if _worker_abort is not None and _worker_abort.is_set():
+        if _aborting():
             return None  # the pool is stopping after an error; the temporary file is never renamed
         _, tokens, num_documents, text_bytes, _ = _tokenize_batch(batch)
         token_file.append(tokens, num_documents, text_bytes)
@@ -336,21 +339,18 @@ def _worker_pool(setup: _Setup, eos_token):
     abort = context.Event()
     pool = _single_threaded_tokenizers(lambda: context.Pool(
         setup.num_workers, initializer=_init_worker, initargs=(setup.tokenizer.spec, eos_token, abort)))
+    # Done, every worker is idle and terminate() kills none mid-write. After Ctrl-C (which reaches
+    # the workers too and kills their tasks, whose results then never come) only terminate() ends
+    # the pool. After an error: abort, close and join.
+    stop = pool.terminate
     try:
         yield _Workers(pool, abort)
     except Exception:
         abort.set()
-        pool.close()
-        pool.join()
+        stop = pool.close
         raise
-    except BaseException:
-        # Ctrl-C reaches the workers too and kills their tasks, whose results then never come:
-        # only terminate() ends such a pool.
-        pool.terminate()
-        pool.join()
-        raise
-    else:  # every task is done and every worker idle: nothing can be killed mid-write
-        pool.terminate()
+    finally:
+        stop()
         pool.join()
 
 

@@ -63,10 +63,10 @@ def build_lock(directory: pathlib.Path):
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
+            locked = True
         except OSError:
-            yield False
-            return
-        yield True
+            locked = False
+        yield locked
     finally:
         os.close(descriptor)  # releases the flock
 
