@@ -1,7 +1,8 @@
 """Attention through SDPA against an explicit masked softmax, for every mask the mixers use.
 
 Forward and backward (inputs and parameters) in fp64: causal (the `is_causal` path), causal with
-persistent tokens, a sliding window continuing a cached tail, and MAC's segment mask.
+persistent tokens, a sliding window continuing a cached tail (in one call and in query blocks),
+and MAC's segment mask.
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def assert_same_with_grads(run_fast, run_reference, wrt):
 
 
 @pytest.mark.parametrize(
-    "n_persistent, window, cached",
-    [(0, None, 0), (3, None, 0), (0, None, 5), (3, 6, 5), (0, 6, 0)],
-    ids=["causal-is_causal", "causal-persistent", "causal-cached-tail", "window-persistent-cached", "window"],
+    "n_persistent, window, cached, query_block",
+    [(0, None, 0, 256), (3, None, 0, 256), (0, None, 5, 256), (3, 6, 5, 256), (0, 6, 0, 256),
+     (3, 6, 5, 4), (0, 6, 0, 4), (3, 6, 5, 1), (2, 20, 5, 4), (0, 3, 7, 5)],
+    ids=["causal-is_causal", "causal-persistent", "causal-cached-tail", "window-persistent-cached", "window",
+         "window-blocks-persistent-cached", "window-blocks", "window-blocks-of-one",
+         "window-blocks-wider-than-input", "window-blocks-cached-beyond-window"],
 )
-def test_forward_matches_explicit_attention(n_persistent, window, cached):
+def test_forward_matches_explicit_attention(n_persistent, window, cached, query_block):
+    """With a window, queries attend in blocks of `query_block` (11 tokens: ragged last blocks)."""
     module = make_module(n_persistent, seed=cached + n_persistent)
+    module.window_query_block = query_block
     seq_len, position = 11, cached
     x = torch.randn(2, seq_len, DIM, dtype=torch.float64, requires_grad=True)
     tail = {name: torch.randn(2, HEADS, cached, HEAD_DIM, dtype=torch.float64, requires_grad=True)

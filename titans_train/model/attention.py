@@ -19,6 +19,12 @@ from torch import nn
 from .exchange import StateExchange
 from .layers import rope_tables, rotate, split_heads
 
+# Sliding-window queries attend in blocks of this many, each over only the keys its window reaches:
+# SDPA computes every score of its mask, visible or not, so one (T, T) mask costs T^2 scores
+# where the window needs ~T * window. 256 was the fastest block for windows of 256 to 1024 on
+# CPU (docs/BENCHMARKS.md, "Sliding-window attention in query blocks").
+WINDOW_QUERY_BLOCK = 256
+
 
 def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: Optional[int]) -> torch.Tensor:
     """Bool (Tq, Tk): a query sees keys at or before it, and with a window only the last `window`."""
@@ -44,6 +50,7 @@ class Attention(nn.Module):
             self.persistent_values = nn.Parameter(torch.empty(n_heads, n_persistent, head_dim))
         else:
             self.persistent_keys = self.persistent_values = None
+        self.window_query_block = WINDOW_QUERY_BLOCK
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary tables (cos, sin), each (T, d), of absolute positions (T,)."""
@@ -84,6 +91,23 @@ class Attention(nn.Module):
             mask = torch.cat([mask.new_ones(mask.shape[0], n_persistent), mask], dim=1)
         return F.scaled_dot_product_attention(queries, _joined(key_parts), _joined(value_parts), attn_mask=mask)
 
+    def _attend_window_blocks(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                              positions: torch.Tensor, key_positions: torch.Tensor, cached: int, window: int
+                              ) -> torch.Tensor:
+        """Sliding-window attention of queries (B, H, T, d) at `positions` over keys/values (B, H,
+        cached + T, d) at `key_positions` (the first `cached` before the queries), in blocks of
+        `window_query_block` queries: a block's keys run from its first query's window start to its
+        last query. -> (B, H, T, d), equal to one call with the whole mask."""
+        seq_len = queries.shape[2]
+        outputs = []
+        for start in range(0, seq_len, self.window_query_block):
+            stop = min(start + self.window_query_block, seq_len)
+            low, high = max(0, cached + start - window + 1), cached + stop
+            mask = window_mask(positions[start:stop], key_positions[low:high], window)
+            outputs.append(self.attend(queries[:, :, start:stop], [keys[:, :, low:high]], [values[:, :, low:high]],
+                                       mask))
+        return torch.cat(outputs, dim=2)
+
     def cached_state_shapes(self, batch_size: int, position: int, window: Optional[int]) -> dict[str, tuple[int, ...]]:
         cached = position if window is None else min(position, window - 1)
         shape = (batch_size, self.n_heads, cached, self.head_dim)
@@ -114,9 +138,14 @@ class Attention(nn.Module):
                                            tail)
         cached = tail["keys"].shape[2]
         key_positions = torch.arange(position - cached, position + seq_len, device=x.device)
-        plain_causal = window is None and cached == 0
-        mask = None if plain_causal else window_mask(positions, key_positions, window)
-        out = self.attend(queries, [tail["keys"], new_keys], [tail["values"], new_values], mask)
+        if window is not None and seq_len > self.window_query_block:
+            out = self._attend_window_blocks(queries, _joined([tail["keys"], new_keys]),
+                                             _joined([tail["values"], new_values]), positions, key_positions,
+                                             cached, window)
+        else:
+            plain_causal = window is None and cached == 0
+            mask = None if plain_causal else window_mask(positions, key_positions, window)
+            out = self.attend(queries, [tail["keys"], new_keys], [tail["values"], new_values], mask)
         keep = cached + seq_len if window is None else min(cached + seq_len, window - 1)
         return out, {name: _last(tail[name], new, keep)
                      for name, new in (("keys", new_keys), ("values", new_values))}
