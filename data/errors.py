@@ -31,3 +31,7 @@ class SeqLenMismatchError(ManifestError):
 
 class ShardError(DataError):
     """A shard file is missing, truncated or corrupted."""
+
+
+class WorkerDiedError(DataError):
+    """A prepare worker process died mid-task (killed, e.g. out of memory)."""

@@ -22,15 +22,17 @@ corpus; the token stream is memory-mapped from disk.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import fcntl
-import functools
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import webdataset  # noqa: F401  imported before the pool forks (it pulls in torch, ~5 s) so workers inherit it
 
-from titans_train.data.errors import DataError, EmptyInputError
+from titans_train.data.errors import DataError, EmptyInputError, WorkerDiedError
 from titans_train.data.manifest import MANIFEST_NAME, Manifest, write_manifest
 from titans_train.data.order import derive_seed, permute
 from titans_train.data.shards import SampleLayout, ShardInfo, digests_name, write_shard
@@ -80,6 +82,13 @@ def _init_worker(tokenizer_spec: str, eos_token: str | None, abort=None) -> None
     global _worker_tokenizer, _worker_abort
     _worker_tokenizer = load_tokenizer(tokenizer_spec, eos_token)
     _worker_abort = abort
+
+
+def _init_pool_worker(tokenizer_spec: str, eos_token: str | None, abort) -> None:
+    """A pool worker ignores Ctrl-C: the terminal sends SIGINT to the whole process group, and the
+    main process answers it by setting `abort` (see _Workers), which stops the tasks cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_spec, eos_token, abort)
 
 
 def _aborting() -> bool:
@@ -303,29 +312,60 @@ def _start_output(output_dir: str, overwrite: bool) -> None:
 
 
 class _Workers:
-    """The process pool's imap and imap_unordered, stoppable without killing a worker mid-task.
+    """A process pool's ordered and unordered map, with a bounded number of tasks in flight.
 
-    Pool.terminate() kills workers wherever they are; one killed while writing its result (say the
-    error of a second file failing on the same full disk) holds the result queue's lock forever,
-    and terminate() then waits on it forever. So an error sets `abort` instead: the tasks not yet
-    handed out are not handed out, the queued ones return at once, the running ones finish, and
-    the pool closes and joins.
+    On a ProcessPoolExecutor: a worker that dies mid-task (the kernel's out-of-memory killer's
+    SIGKILL, say) breaks the executor, which fails every pending task at once, where
+    multiprocessing.Pool replaces the worker and waits for the lost task's result forever. After
+    an error `abort` is set: the tasks queued in the workers return at once, the running ones
+    stop at their next batch, and the executor shuts down without killing any.
     """
 
-    def __init__(self, pool, abort):
-        self.pool, self.abort = pool, abort
+    def __init__(self, executor: concurrent.futures.ProcessPoolExecutor, abort, num_workers: int):
+        self.executor, self.abort = executor, abort
+        # Enough to keep every worker busy, without reading a whole corpus of batches ahead.
+        self.in_flight = 2 * num_workers
 
     def imap(self, function, items):
-        return self.pool.imap(functools.partial(_unless_aborted, function), self._until_aborted(items))
+        """function(item) for each item, in the items' order."""
+        pending = collections.deque()
+        for item in items:
+            pending.append(self._submit(function, item))
+            if len(pending) >= self.in_flight:
+                yield _result(pending.popleft())
+        while pending:
+            yield _result(pending.popleft())
 
     def imap_unordered(self, function, items):
-        return self.pool.imap_unordered(functools.partial(_unless_aborted, function), self._until_aborted(items))
+        """function(item) for each item, as they finish."""
+        pending = set()
+        for item in items:
+            pending.add(self._submit(function, item))
+            if len(pending) >= self.in_flight:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                yield from (_result(future) for future in done)
+        yield from (_result(future) for future in concurrent.futures.as_completed(pending))
 
-    def _until_aborted(self, items):
-        for item in items:  # iterated by the pool's task-feeding thread
-            if self.abort.is_set():
-                return
-            yield item
+    def _submit(self, function, item) -> concurrent.futures.Future:
+        try:
+            return self.executor.submit(_unless_aborted, function, item)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise _worker_died() from None
+
+
+def _result(future: concurrent.futures.Future):
+    try:
+        return future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise _worker_died() from None
+
+
+def _worker_died() -> WorkerDiedError:
+    """The error of a broken pool: one of its workers died, and with it the task it ran."""
+    return WorkerDiedError(
+        "a prepare worker process died mid-task (killed: the kernel's out-of-memory killer sends SIGKILL when "
+        "memory runs out; see dmesg or the job's memory limit). The token files and shards finished so far are "
+        "kept: run the same command again, with fewer --workers or more memory")
 
 
 @contextlib.contextmanager
@@ -337,21 +377,22 @@ def _worker_pool(setup: _Setup, eos_token):
     # The workers only tokenize and write files, never touch torch, so forking is safe.
     context = multiprocessing.get_context("fork")
     abort = context.Event()
-    pool = _single_threaded_tokenizers(lambda: context.Pool(
-        setup.num_workers, initializer=_init_worker, initargs=(setup.tokenizer.spec, eos_token, abort)))
-    # Done, every worker is idle and terminate() kills none mid-write. After Ctrl-C (which reaches
-    # the workers too and kills their tasks, whose results then never come) only terminate() ends
-    # the pool. After an error: abort, close and join.
-    stop = pool.terminate
+    executor = _single_threaded_tokenizers(lambda: _started(concurrent.futures.ProcessPoolExecutor(
+        setup.num_workers, mp_context=context, initializer=_init_pool_worker,
+        initargs=(setup.tokenizer.spec, eos_token, abort))))
     try:
-        yield _Workers(pool, abort)
-    except Exception:
+        yield _Workers(executor, abort, setup.num_workers)
+    except BaseException:
         abort.set()
-        stop = pool.close
         raise
     finally:
-        stop()
-        pool.join()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _started(executor: concurrent.futures.ProcessPoolExecutor) -> concurrent.futures.ProcessPoolExecutor:
+    """The executor with its workers running: under fork it starts them all at the first task."""
+    _result(executor.submit(os.getpid))
+    return executor
 
 
 def _shard_jobs(setup: _Setup, sources: list[_SourceTokens], output_dir: str, seed: int, shard_bytes: int):
@@ -385,6 +426,8 @@ def _finish(setup: _Setup, sources: list[_SourceTokens], shard_infos: list[Shard
     for name in os.listdir(output_dir):
         if name.startswith("shard-") and name.endswith((".tar", ".crc32")) and name not in keep:
             os.remove(os.path.join(output_dir, name))  # leftovers of an earlier, different prepare
+        elif name.startswith("shard-") and ".tmp-" in name:
+            os.remove(os.path.join(output_dir, name))  # a writer killed mid-write; every shard is written now
     tokenizer = setup.tokenizer
     manifest = Manifest(
         tokenizer={**tokenizer.identity.as_dict(), "vocab_size": tokenizer.vocab_size,

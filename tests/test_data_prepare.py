@@ -1,11 +1,12 @@
 """Prepare: formats, round trip shards -> documents' token stream, determinism, interrupt + rerun,
-and the typed errors (empty input, truncated / missing / corrupted shard, tokenizer and seq_len
+a killed worker + rerun, and the typed errors (empty input, truncated / missing / corrupted shard, tokenizer and seq_len
 mismatch)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import tarfile
 
 import numpy as np
@@ -15,6 +16,7 @@ from titans_train.data import prepare as prepare_module
 from titans_train.data.dataset import PreparedDataset
 from titans_train.data.errors import (
     DataError, EmptyInputError, ManifestError, SeqLenMismatchError, ShardError, TokenizerMismatchError,
+    WorkerDiedError,
 )
 from titans_train.data.manifest import read_manifest
 from titans_train.data.prepare import prepare_dataset
@@ -179,6 +181,49 @@ def test_worker_count_does_not_change_the_result(tmp_path, documents):
                                    shard_bytes=10_000, num_workers=workers, progress=False)
         fingerprints.add(tuple(shard["sha256"] for shard in manifest.shards))
     assert len(fingerprints) == 1  # byte-identical shards
+
+
+def killed_in_workers(function, when):
+    """`function`, except that a worker process (not this one) calling it with arguments for which
+    `when` holds SIGKILLs itself, as the out-of-memory killer would."""
+    parent = os.getpid()
+
+    def patched(*args):
+        if os.getpid() != parent and when(*args):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args)
+
+    return patched
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("corpus, target, when", [
+    # (token_dtype: called by every tokenizing task in its worker; the tasks themselves are pickled.)
+    ("files", "token_dtype", lambda vocab_size: True),
+    ("one", "token_dtype", lambda vocab_size: True),
+    ("files", "write_shard", lambda path, *_: path.endswith("shard-000001.tar")),
+], ids=["tokenizing-whole-files", "tokenizing-batches", "writing-shards"])
+def test_a_worker_killed_mid_task_fails_the_run_and_a_rerun_finishes_it(tmp_path, documents, monkeypatch, corpus,
+                                                                         target, when):
+    """A worker SIGKILLed mid-task fails the prepare at once with an error naming the cause and the
+    fix (multiprocessing.Pool waited for the lost task forever); the same command run again gives
+    the dataset a clean run gives, with no temporary file left."""
+    write_corpus(str(tmp_path / "files"), documents, "txt")
+    write_corpus(str(tmp_path / "one"), documents, "jsonl")
+    inputs = [str(tmp_path / corpus)]
+    clean = prepare_dataset(inputs, str(tmp_path / "clean"), "byte", SEQ_LEN, shard_bytes=10_000,
+                            num_workers=1, progress=False)
+    real = getattr(prepare_module, target)
+    monkeypatch.setattr(prepare_module, target, killed_in_workers(real, when))
+    with pytest.raises(WorkerDiedError, match="out-of-memory killer.*run the same command again.*--workers"):
+        prepare_dataset(inputs, str(tmp_path / "out"), "byte", SEQ_LEN, shard_bytes=10_000, num_workers=2,
+                        progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    monkeypatch.setattr(prepare_module, target, real)
+    resumed = prepare_dataset(inputs, str(tmp_path / "out"), "byte", SEQ_LEN, shard_bytes=10_000, num_workers=2,
+                              progress=False)
+    assert resumed.fingerprint == clean.fingerprint
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "clean"))
 
 
 def test_empty_inputs_are_errors(tmp_path):
