@@ -317,12 +317,13 @@ class _Workers:
     On a ProcessPoolExecutor: a worker that dies mid-task (the kernel's out-of-memory killer's
     SIGKILL, say) breaks the executor, which fails every pending task at once, where
     multiprocessing.Pool replaces the worker and waits for the lost task's result forever. After
-    an error `abort` is set: the tasks queued in the workers return at once, the running ones
-    stop at their next batch, and the executor shuts down without killing any.
+    any other error `_worker_pool` sets the workers' abort event: the queued tasks return at once,
+    the running ones stop at their next batch, and the executor shuts down killing none of them
+    (Pool.terminate() could kill one holding its result queue's lock, then wait on it forever).
     """
 
-    def __init__(self, executor: concurrent.futures.ProcessPoolExecutor, abort, num_workers: int):
-        self.executor, self.abort = executor, abort
+    def __init__(self, executor: concurrent.futures.ProcessPoolExecutor, num_workers: int):
+        self.executor = executor
         # Enough to keep every worker busy, without reading a whole corpus of batches ahead.
         self.in_flight = 2 * num_workers
 
@@ -381,7 +382,7 @@ def _worker_pool(setup: _Setup, eos_token):
         setup.num_workers, mp_context=context, initializer=_init_pool_worker,
         initargs=(setup.tokenizer.spec, eos_token, abort))))
     try:
-        yield _Workers(executor, abort, setup.num_workers)
+        yield _Workers(executor, setup.num_workers)
     except BaseException:
         abort.set()
         raise
