@@ -18,7 +18,7 @@ parameter gradients over the gradient group (dp x sp, as DeepSpeed does with our
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,10 @@ from titans_train.parallel.layout import ParallelConfigError
 from titans_train.parallel.relay import StateRelay
 
 
-@dataclass
-class StepLoss:
+class StepLoss(NamedTuple):
+    """One rank's step loss. A NamedTuple: DeepSpeed's ZeRO-3 hooks find the tensors of a module's
+    output only in tuples, lists and dicts (of another type they warn and skip its backward hooks)."""
+
     objective: torch.Tensor  # what this rank back-propagates (scaled, relay zeros included)
     loss: torch.Tensor  # detached: the mean token loss of the global batch (all replicas)
     relay: StateRelay  # call relay.finish() after backward (scan schedule: a RelayGroup, same use)

@@ -141,6 +141,17 @@ def test_a_tensor_parallel_cpu_run_prints_no_library_warnings(tmp_path):
     assert "validation (end, step 2)" in done.stdout + done.stderr
 
 
+def test_a_zero3_run_prints_no_library_warnings(tmp_path):
+    # DeepSpeed's ZeRO-3 hooks warned once per run that the objective's output type (then a
+    # dataclass) hid its tensors from them; a NamedTuple they can look into.
+    done = subprocess.run([sys.executable, "-m", "titans_train", "train", "debug", "parallel.zero_stage=3",
+                           "train.steps=2", "train.warmup_steps=1", "checkpoint.interval=0", f"run_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "warn" not in (done.stdout + done.stderr).lower(), done.stderr
+    assert "validation perplexity" in done.stdout + done.stderr
+
+
 @pytest.fixture
 def full_file_system(tmp_path):
     """A 64 KiB tmpfs: every write past that fails with ENOSPC, as on a full scratch disk."""
