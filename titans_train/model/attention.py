@@ -22,7 +22,10 @@ from .layers import rope_tables, rotate, split_heads
 # Sliding-window queries attend in blocks of this many, each over only the keys its window reaches:
 # SDPA computes every score of its mask, visible or not, so one (T, T) mask costs T^2 scores
 # where the window needs ~T * window. 256 was the fastest block for windows of 256 to 1024 on
-# CPU (docs/BENCHMARKS.md, "Sliding-window attention in query blocks").
+# CPU (docs/BENCHMARKS.md, "Sliding-window attention in query blocks"). The price, with persistent
+# tokens: each block's keys and values are a copy (persistent ones first), saved for backward,
+# ~(window + 256) / 256 times the call's keys and values (docs/scaling.md: +0.1-0.8 GiB per GPU
+# in the mag recipes' plans).
 WINDOW_QUERY_BLOCK = 256
 
 
