@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from titans_train.data.errors import DataError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,25 +63,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("directory")
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from titans_train.data.prepare import prepare_dataset, prepare_stage
+
+    options = dict(text_field=args.text_field, input_format=args.input_format, eos_token=args.eos_token, seed=args.seed,
+                   shard_bytes=int(args.shard_mb * 2**20), num_workers=args.workers, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    if args.stage is not None:
+        task = args.task if args.task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        manifest = prepare_stage(args.stage, task, args.num_tasks, args.inputs, args.output, args.tokenizer,
+                                 args.seq_len, **options)
+        if manifest is None:
+            print(f"prepare stage {args.stage}: task {task} of {args.num_tasks} done -> {args.output}")
+            return 0
+    else:
+        manifest = prepare_dataset(args.inputs, args.output, args.tokenizer, args.seq_len, **options)
+    print(f"prepared {manifest.num_samples} samples of {args.seq_len}+1 tokens in "
+          f"{len(manifest.shards)} shards from {manifest.num_documents} documents "
+          f"({manifest.text_bytes / 1e6:.1f} MB of text) -> {args.output}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.data_command == "prepare":
-        from titans_train.data.prepare import prepare_dataset, prepare_stage
-
-        options = dict(text_field=args.text_field, input_format=args.input_format, eos_token=args.eos_token, seed=args.seed,
-                       shard_bytes=int(args.shard_mb * 2**20), num_workers=args.workers, overwrite=args.overwrite,
-                       progress=not args.quiet)
-        if args.stage is not None:
-            task = args.task if args.task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-            manifest = prepare_stage(args.stage, task, args.num_tasks, args.inputs, args.output, args.tokenizer,
-                                     args.seq_len, **options)
-            if manifest is None:
-                print(f"prepare stage {args.stage}: task {task} of {args.num_tasks} done -> {args.output}")
-                return 0
-        else:
-            manifest = prepare_dataset(args.inputs, args.output, args.tokenizer, args.seq_len, **options)
-        print(f"prepared {manifest.num_samples} samples of {args.seq_len}+1 tokens in "
-              f"{len(manifest.shards)} shards from {manifest.num_documents} documents "
-              f"({manifest.text_bytes / 1e6:.1f} MB of text) -> {args.output}")
+        try:
+            return _prepare(args)
+        except KeyboardInterrupt:
+            print("interrupted: the token files and shards finished so far are kept; run the same command again "
+                  "to go on from them", file=sys.stderr)
+            return EXIT_INTERRUPTED
     elif args.data_command == "train-tokenizer":
         from titans_train.data.train_tokenizer import train_tokenizer
 

@@ -3,6 +3,7 @@ rank fails the job after `parallel.timeout_s`, not after torch's 30 minutes."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -177,6 +178,41 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, full_file_system, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # beside progress bars
     assert "Traceback" not in err and len(errors) == 1, err
     assert errors[0].startswith("error: no space left on device"), errors
+
+
+def test_ctrl_c_in_data_prepare_is_one_line_and_exit_130_and_the_rerun_goes_on(tmp_path, capsys, monkeypatch):
+    from titans_train.data import prepare as prepare_module
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "text.txt").write_text("".join(random.Random(0).choices("abcdefgh \n", k=40_000)))
+    argv = ["data", "prepare", str(corpus), "--output", str(tmp_path / "shards"), "--seq-len", "64",
+            "--shard-mb", "0.01", "--workers", "1", "--quiet"]
+    real_write_shard = prepare_module.write_shard
+    written = []
+
+    def interrupted_write_shard(path, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the third shard is written
+        written.append(path)
+        return real_write_shard(path, *args)
+
+    monkeypatch.setattr(prepare_module, "write_shard", interrupted_write_shard)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt left main() (a traceback for the user, and it would stop pytest)")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "interrupted: the token files and shards finished so far are kept; run the same command again to go on "
+        "from them"], err
+    rewritten = []
+    monkeypatch.setattr(prepare_module, "write_shard",
+                        lambda path, *args: (rewritten.append(path), real_write_shard(path, *args))[1])
+    assert main(argv) == 0
+    shards = json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"]
+    assert len(rewritten) == len(shards) - 2 and not set(rewritten) & set(written)  # the two finished are kept
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_exit_2(tmp_path, full_file_system):
