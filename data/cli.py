@@ -8,8 +8,7 @@ import os
 import sys
 
 from titans_train.data.errors import DataError
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+from titans_train.errors import EXIT_INTERRUPTED
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:

@@ -348,25 +348,26 @@ class _Workers:
         yield from (_result(future) for future in concurrent.futures.as_completed(pending))
 
     def _submit(self, function, item) -> concurrent.futures.Future:
-        try:
+        with _dead_worker_as_error():
             return self.executor.submit(_unless_aborted, function, item)
-        except concurrent.futures.process.BrokenProcessPool:
-            raise _worker_died() from None
 
 
 def _result(future: concurrent.futures.Future):
-    try:
+    with _dead_worker_as_error():
         return future.result()
+
+
+@contextlib.contextmanager
+def _dead_worker_as_error():
+    """A broken pool (one of its workers died, and with it the task it ran; submit and result both
+    raise it) as the error naming the cause and the fix."""
+    try:
+        yield
     except concurrent.futures.process.BrokenProcessPool:
-        raise _worker_died() from None
-
-
-def _worker_died() -> WorkerDiedError:
-    """The error of a broken pool: one of its workers died, and with it the task it ran."""
-    return WorkerDiedError(
-        "a prepare worker process died mid-task (killed: the kernel's out-of-memory killer sends SIGKILL when "
-        "memory runs out; see dmesg or the job's memory limit). The token files and shards finished so far are "
-        "kept: run the same command again, with fewer --workers or more memory")
+        raise WorkerDiedError(
+            "a prepare worker process died mid-task (killed: the kernel's out-of-memory killer sends SIGKILL when "
+            "memory runs out; see dmesg or the job's memory limit). The token files and shards finished so far are "
+            "kept: run the same command again, with fewer --workers or more memory") from None
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2  # a UserError: nothing (more) started; fix the input, do not retry as is
 EXIT_DIVERGED = 3  # the loss became NaN/inf: stopped without saving (the last checkpoint is sane)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 
 class UserError(Exception):
