@@ -155,3 +155,19 @@ def test_beam_search_with_the_cache_equals_beam_search_recomputing(exported):
     recomputed = hf.generate(ids, use_cache=False, **common)
     assert torch.equal(cached.sequences, recomputed.sequences)
     torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_the_hf_model_imports_from_the_checkout_root():
+    # From the root, `python -c` puts the checkout on sys.path, where its kernels/ folder would
+    # shadow the Hugging Face `kernels` package that transformers imports.
+    checkout_root = Path(__file__).resolve().parents[1]
+    script = textwrap.dedent("""
+        import sys
+        import titans_train.hf
+        from transformers import PreTrainedModel
+        print(getattr(sys.modules.get("kernels"), "__file__", None))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=checkout_root, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not result.stdout.strip().startswith(str(checkout_root / "kernels")), result.stdout
