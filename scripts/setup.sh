@@ -5,11 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${TITANS_TORCH_SPEC:-torch==2.13.0}"
+# The versions CI passed with (constraints.txt says how to move them); TITANS_CONSTRAINTS= (empty)
+# installs the newest releases pyproject.toml allows instead.
+CONSTRAINTS="${TITANS_CONSTRAINTS-constraints.txt}"
+if [ -n "$CONSTRAINTS" ] && [ ! -f "$CONSTRAINTS" ]; then
+    echo "[setup] error: TITANS_CONSTRAINTS=$CONSTRAINTS is not a file (a path from the repository root, or empty for none)" >&2
+    exit 2
+fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.titans-installed
-want="$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)-${1:-}"
+want="$(cat pyproject.toml setup.py scripts/setup.sh ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -c1-16)-${1:-}"
 # --test installs a superset, so a test install also satisfies a plain one.
 if [ -z "${1:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${want}--test" ]; then exit 0; fi
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -19,7 +26,7 @@ echo "[setup] installing titans-train into .venv (first run takes ~2 minutes)" >
 .venv/bin/python -m pip install --quiet --upgrade pip
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
-.venv/bin/python -m pip install --quiet "$TORCH_SPEC" -e ".${extras}"
+.venv/bin/python -m pip install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS"} "$TORCH_SPEC" -e ".${extras}"
 # The C++ memory_scan kernel (kernels/memory_scan/cpu) compiles on first use; building it here
 # means neither the tests nor a first training step pays the ~1-2 minute compile. Without it CPU
 # runs fall back to the PyTorch kernel (slower, same numbers, one warning), so only CI (where the
