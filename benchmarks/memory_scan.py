@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/memory_scan.py [--batch 2 --heads 4 --seq-len 2048 --dim 64 ...]
 
     .venv/bin/python benchmarks/memory_scan.py --ab cpp fused   # alternating A/B of two implementations
+    .venv/bin/python benchmarks/memory_scan.py --calls 8        # the sequence as 8 chained calls, as MAC's segments
 
 Prints tokens/s (B*T tokens per forward+backward), achieved GFLOP/s from `scan_flops`, that as a
 fraction of the GFLOP/s of a large fp32 torch.matmul timed alternately with it in the same process
@@ -80,6 +81,19 @@ def make_inputs(batch, heads, seq_len, dim, widths, requires_grad=True):
     return (q, k, v, theta, eta, alpha, weights, momentum)
 
 
+def chained(n_calls):
+    """`memory_scan` over T as n_calls consecutive pieces, each starting from the state the one before
+    ended with (what MAC does per segment): the same numbers as one call, plus each call's fixed cost."""
+    def scan(q, k, v, theta, eta, alpha, weights, momentum, **options):
+        length = -(-q.shape[2] // n_calls)
+        outputs, state = [], (weights, momentum)
+        for pieces in zip(*(x.split(length, dim=2) for x in (q, k, v, theta, eta, alpha))):
+            y, state = memory_scan(*pieces, *state, **options)
+            outputs.append(y)
+        return torch.cat(outputs, dim=2), state
+    return memory_scan if n_calls == 1 else scan
+
+
 def forward_backward(scan, inputs, options):
     y, (weights_out, momentum_out) = scan(*inputs, **options)
     loss = y.square().sum() + sum(w.square().sum() for w in weights_out) + sum(s.sum() for s in momentum_out)
@@ -137,7 +151,7 @@ def alternating_ab(steps: dict, repeats: int, warmup: int):
 
 def print_ab(args, inputs, options):
     names = args.ab
-    steps = {name: functools.partial(forward_backward, memory_scan, inputs, dict(options, implementation=name))
+    steps = {name: functools.partial(forward_backward, chained(args.calls), inputs, dict(options, implementation=name))
              for name in names}
     medians, ratios = alternating_ab(steps, args.repeats, args.warmup)
     print(f"alternating A/B, forward+backward, threads={torch.get_num_threads()}, median of {args.repeats} turns:")
@@ -167,6 +181,8 @@ def main():
     parser.add_argument("--implementation", choices=("fused", "autograd", "cpp"), default="fused")
     parser.add_argument("--ab", nargs="+", choices=("fused", "autograd", "cpp"), metavar="IMPLEMENTATION",
                         help="only an alternating A/B of these implementations (e.g. --ab cpp fused)")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="run T as this many chained calls (MAC: seq_len / segment_len); the oracle line is one call")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -175,6 +191,9 @@ def main():
         "--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) before anything runs"
     )
     args = parser.parse_args()
+    if args.calls < 1 or args.seq_len % (args.calls * args.chunk_size):
+        parser.error(f"--calls {args.calls}: --seq-len {args.seq_len} must split into that many pieces of whole "
+                     f"chunks (--chunk-size {args.chunk_size}), so the chunks and FLOPs are one call's")
     # Before the first parallel region, so the intra-op worker threads inherit the flag.
     torch.set_flush_denormal(args.flush_denormal)
     torch.set_num_threads(args.threads)
@@ -191,12 +210,13 @@ def main():
         return
     # Peak memory first: ru_maxrss is a high-water mark, so the step must run before anything larger.
     rss_before = max_rss_mib()
-    forward_backward(memory_scan, inputs, options)
+    scan = chained(args.calls)
+    forward_backward(scan, inputs, options)
     step_peak_mib = max_rss_mib() - rss_before
 
     flops = scan_flops(args.batch, args.heads, args.seq_len, widths, args.chunk_size, args.retrieve)
     achieved, peak, fraction = interleaved_gflops(
-        lambda: forward_backward(memory_scan, inputs, options), flops, args.repeats, args.warmup
+        lambda: forward_backward(scan, inputs, options), flops, args.repeats, args.warmup
     )
     step_seconds = flops / achieved / 1e9
 
@@ -211,6 +231,7 @@ def main():
         f"memory_scan fwd+bwd  B={args.batch} H={args.heads} T={args.seq_len} d={args.dim} "
         f"depth={args.depth} hidden={widths[1] if args.depth > 1 else args.dim} "
         f"chunk={args.chunk_size} retrieve={args.retrieve} {args.implementation} threads={torch.get_num_threads()}"
+        f"{f' calls={args.calls}' if args.calls > 1 else ''}"
         f"{f' surprise_bound={args.surprise_bound:g}' if args.surprise_bound else ''}"
         f"{' flush-denormal' if args.flush_denormal else ''}"
     )
