@@ -23,10 +23,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[setup] installing titans-train into .venv (first run takes ~2 minutes)" >&2
-.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet --upgrade ${CONSTRAINTS:+-c "$CONSTRAINTS"} pip
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
-.venv/bin/python -m pip install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS"} "$TORCH_SPEC" -e ".${extras}"
+.venv/bin/python -m pip install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS" --build-constraint "$CONSTRAINTS"} \
+    "$TORCH_SPEC" -e ".${extras}"
 # The C++ memory_scan kernel (kernels/memory_scan/cpu) compiles on first use; building it here
 # means neither the tests nor a first training step pays the ~1-2 minute compile. Without it CPU
 # runs fall back to the PyTorch kernel (slower, same numbers, one warning), so only CI (where the

@@ -1,5 +1,5 @@
 """constraints.txt, the versions scripts/setup.sh installs, against pyproject.toml's requirements:
-every requirement (test extras included) is pinned once, to a version its range allows."""
+every requirement (test extras and build system included) is pinned once, to a version its range allows."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ def _pins() -> dict[str, Version]:
 
 
 def _requirements() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    """The project's requirements, its test extras and its build system's (setup.sh builds with the pins)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
     names = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
-    return [Requirement(name) for name in names]
+    return [Requirement(name) for name in names + pyproject["build-system"]["requires"]]
 
 
 def test_every_requirement_is_pinned_within_its_range():
