@@ -85,7 +85,7 @@ def chained(n_calls):
     """`memory_scan` over T as n_calls consecutive pieces, each starting from the state the one before
     ended with (what MAC does per segment): the same numbers as one call, plus each call's fixed cost."""
     def scan(q, k, v, theta, eta, alpha, weights, momentum, **options):
-        length = -(-q.shape[2] // n_calls)
+        length = q.shape[2] // n_calls  # main() checks that T splits into whole chunks
         outputs, state = [], (weights, momentum)
         for pieces in zip(*(x.split(length, dim=2) for x in (q, k, v, theta, eta, alpha))):
             y, state = memory_scan(*pieces, *state, **options)
