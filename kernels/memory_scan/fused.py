@@ -364,23 +364,34 @@ def stacked_gates(theta, eta, alpha, chunk_size):
     return ChunkGates(retrieval_decays, decays.update_scores, state_decays, state_rows)
 
 
-def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-                       activation, residual, surprise_bound):
-    """Runs a chunk-loop autograd.Function taking (options, q, k, v, gates, *states) in this module's layout:
-    q, k, v (G, T, d), `ChunkGates` with a chunk dim after G, states L x (G, d_out, 2, d_in), and
-    options (chunk_size, activation, residual, token_retrieval, keep_saved, surprise_bound). `gate_products`
-    computes the gates as `stacked_gates` does (same signature and values). Shapes as `memory_scan`."""
+def chunk_function_inputs(gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
+                          activation, residual, surprise_bound):
+    """What a chunk-loop autograd.Function takes besides the states: options (chunk_size, activation,
+    residual, token_retrieval, keep_saved, surprise_bound), q, k, v as (G, T, d), and the gates
+    `gate_products` computes (as `stacked_gates` does: same signature and values) with G first.
+    Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
     gates = gate_products(theta, eta, alpha, chunk_size)
-    groups = batch * heads
-    states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
     tensors = (q, k, v, theta, eta, alpha, *weights, *momentum)
     # Without a backward to come (inference, decoding), the intermediates are not kept.
     keep_saved = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     options = (chunk_size, activation, residual, retrieve == "token", keep_saved, surprise_bound)
-    y, *states = function.apply(
-        options, *(x.reshape(groups, seq_len, dim) for x in (q, k, v)), *(x.flatten(0, 1) for x in gates), *states
-    )
+    groups = batch * heads
+    return (options, tuple(x.reshape(groups, seq_len, dim) for x in (q, k, v)),
+            tuple(x.flatten(0, 1) for x in gates))
+
+
+def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
+                       activation, residual, surprise_bound):
+    """Runs a chunk-loop autograd.Function taking (options, q, k, v, gates, *states) in this module's layout:
+    q, k, v (G, T, d), `ChunkGates` with a chunk dim after G, states L x (G, d_out, 2, d_in)
+    (`chunk_function_inputs`). Shapes as `memory_scan`."""
+    batch, heads, seq_len, dim = q.shape
+    options, sequences, gates = chunk_function_inputs(
+        gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
+        surprise_bound)
+    states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
+    y, *states = function.apply(options, *sequences, *gates, *states)
     # unbind, not two selects: its backward stacks the two gradients, where each select's would
     # write into a buffer of zeros of the whole state.
     unbound = [state.unbind(2) for state in states]

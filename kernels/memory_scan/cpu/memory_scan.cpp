@@ -9,7 +9,9 @@
 //   q, k, v, y and their gradients: (G, T, d)
 //   gates: retrieval_decays (G, nc, n, 2), update_scores (G, nc, n, n), state_decays (G, nc, 3),
 //          state_rows (G, nc, n, 2)
-//   states: L x (G, d_out, 2, d_in), [W | S] of each layer
+//   weights, momentum: L x (G, d_out, d_in) each, in and out (the caller's layout; the loop keeps
+//          each layer's state as one [W | S] (G, d_out, 2, d_in), copied in and out here, inside the
+//          parallel region, where a stack in Python cost two ATen copies and two autograd nodes)
 //   saved intermediates: (nc, G, n, ...) per layer, so one chunk of one worker is contiguous;
 //   without a backward to come (keep_saved false) the same buffers hold one chunk (nc = 1).
 #include <torch/extension.h>
@@ -153,18 +155,18 @@ struct Saved {
   }
 };
 
-Saved allocate_saved(const std::vector<Tensor>& states, int64_t slots, int64_t state_slots, int64_t groups,
+// weights: L x (G, d_out, d_in), for the shapes.
+Saved allocate_saved(const std::vector<Tensor>& weights, int64_t slots, int64_t state_slots, int64_t groups,
                      int64_t n, bool token_retrieval, bool bounded, const at::TensorOptions& options) {
   Saved saved;
   if (bounded) saved.surprise_scales.push_back(at::empty({slots, groups, n, 1}, options));
-  const int64_t depth = static_cast<int64_t>(states.size());
+  const int64_t depth = static_cast<int64_t>(weights.size());
   for (int64_t layer = 0; layer < depth; ++layer) {
-    const Tensor& state = states[layer];
-    const int64_t d_out = state.size(1), d_in = state.size(3);
+    const int64_t d_out = weights[layer].size(1), d_in = weights[layer].size(2);
     saved.states.push_back(at::empty({state_slots, groups, d_out, 2, d_in}, options));
     saved.errors.push_back(at::empty({slots, groups, n, d_out}, options));
-    auto mixed_shape = mix_outputs(state) ? std::vector<int64_t>{slots, groups, n, d_out, 2}
-                                          : std::vector<int64_t>{slots, groups, n, 2, d_in};
+    auto mixed_shape = d_out < d_in ? std::vector<int64_t>{slots, groups, n, d_out, 2}  // as mix_outputs
+                                    : std::vector<int64_t>{slots, groups, n, 2, d_in};
     saved.mixed_update.push_back(at::empty(mixed_shape, options));
     if (token_retrieval) {
       saved.mixed_retrieval.push_back(at::empty(mixed_shape, options));
@@ -472,26 +474,36 @@ void parallel_over_groups(int64_t groups, const Body& body) {
   });
 }
 
-// Returns [y, next states (L)..., saved (flat, keep_saved only)...].
+// Returns [y, next weights (L)..., next momentum (L)..., saved (flat, keep_saved only)...].
 std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& retrieval_decays,
                                  const Tensor& update_scores, const Tensor& state_decays, const Tensor& state_rows,
-                                 const std::vector<Tensor>& states, int64_t chunk_size, const std::string& activation,
-                                 bool residual, bool token_retrieval, bool keep_saved, double surprise_bound) {
+                                 const std::vector<Tensor>& weights, const std::vector<Tensor>& momentum,
+                                 int64_t chunk_size, const std::string& activation, bool residual,
+                                 bool token_retrieval, bool keep_saved, double surprise_bound) {
   const Options options = make_options(chunk_size, activation, residual, token_retrieval, surprise_bound);
+  TORCH_CHECK(weights.size() == momentum.size(), "memory_scan cpp: ", weights.size(), " weights but ",
+              momentum.size(), " momentum tensors");
   const Gates gates{retrieval_decays, update_scores, state_decays, state_rows};
-  const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(states.size());
+  const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(weights.size());
   const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
   const int64_t n = std::min(chunk_size, seq_len);
   // Without a backward the buffers hold one chunk, and the states alternate between two slots.
-  Saved saved = allocate_saved(states, keep_saved ? n_chunks : 1, keep_saved ? n_chunks : 2, groups, n,
+  Saved saved = allocate_saved(weights, keep_saved ? n_chunks : 1, keep_saved ? n_chunks : 2, groups, n,
                                token_retrieval, options.bounded(), q.options());
   Tensor y = at::empty_like(q, at::MemoryFormat::Contiguous);
-  std::vector<Tensor> final_states;
-  for (const Tensor& state : states) final_states.push_back(at::empty_like(state, at::MemoryFormat::Contiguous));
+  std::vector<Tensor> final_states, weights_out, momentum_out;
+  for (int64_t layer = 0; layer < depth; ++layer) {
+    const Tensor& weight = weights[layer];
+    final_states.push_back(at::empty({groups, weight.size(1), 2, weight.size(2)}, weight.options()));
+    weights_out.push_back(at::empty_like(weight, at::MemoryFormat::Contiguous));
+    momentum_out.push_back(at::empty_like(momentum[layer], at::MemoryFormat::Contiguous));
+  }
 
   parallel_over_groups(groups, [&](int64_t g0, int64_t gn) {
     for (int64_t layer = 0; layer < depth; ++layer) {
-      saved.states[layer].select(0, 0).narrow(0, g0, gn).copy_(states[layer].narrow(0, g0, gn));
+      Tensor first = saved.states[layer].select(0, 0).narrow(0, g0, gn);
+      first.select(2, 0).copy_(weights[layer].narrow(0, g0, gn));
+      first.select(2, 1).copy_(momentum[layer].narrow(0, g0, gn));
     }
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       const int64_t start = chunk * chunk_size;
@@ -507,9 +519,15 @@ std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor&
       forward_chunk(chunk_states, next_states, view.tokens(q), view.tokens(k), view.tokens(v), view.tokens(y),
                     ChunkGates(gates, view), saved, view, slot, options);
     }
+    for (int64_t layer = 0; layer < depth; ++layer) {
+      const Tensor last = final_states[layer].narrow(0, g0, gn);
+      weights_out[layer].narrow(0, g0, gn).copy_(last.select(2, 0));
+      momentum_out[layer].narrow(0, g0, gn).copy_(last.select(2, 1));
+    }
   });
   std::vector<Tensor> out{y};
-  out.insert(out.end(), final_states.begin(), final_states.end());
+  out.insert(out.end(), weights_out.begin(), weights_out.end());
+  out.insert(out.end(), momentum_out.begin(), momentum_out.end());
   if (keep_saved) {
     std::vector<Tensor> flat = saved.flat();
     out.insert(out.end(), flat.begin(), flat.end());
@@ -517,20 +535,24 @@ std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor&
   return out;
 }
 
-// Returns [grad q, grad k, grad v, grad gates (4)..., grad states (L)...]; grad_states are
-// contiguous buffers the backward owns and overwrites.
+// Returns [grad q, grad k, grad v, grad gates (4)..., grad weights (L)..., grad momentum (L)...]; the
+// state gradients are the two halves of the loop's [W | S] buffers (strided views).
 std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const Tensor& q, const Tensor& k,
                                   const Tensor& retrieval_decays, const Tensor& update_scores,
                                   const Tensor& state_decays, const Tensor& state_rows, const Tensor& grad_y,
-                                  std::vector<Tensor> grad_states, int64_t chunk_size, const std::string& activation,
-                                  bool residual, bool token_retrieval, double surprise_bound) {
+                                  const std::vector<Tensor>& grad_weights, const std::vector<Tensor>& grad_momentum,
+                                  int64_t chunk_size, const std::string& activation, bool residual,
+                                  bool token_retrieval, double surprise_bound) {
   const Options options = make_options(chunk_size, activation, residual, token_retrieval, surprise_bound);
+  TORCH_CHECK(grad_weights.size() == grad_momentum.size(), "memory_scan cpp: ", grad_weights.size(),
+              " weight gradients but ", grad_momentum.size(), " momentum gradients");
   const Gates gates{retrieval_decays, update_scores, state_decays, state_rows};
-  const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(grad_states.size());
+  const int64_t groups = q.size(0), seq_len = q.size(1), depth = static_cast<int64_t>(grad_weights.size());
   const int64_t n_chunks = (seq_len + chunk_size - 1) / chunk_size;
   const Saved saved = Saved::unflat(saved_flat, depth, token_retrieval, options.bounded());
-  for (const Tensor& grad : grad_states) {
-    TORCH_CHECK(grad.is_contiguous(), "memory_scan cpp: grad_states must be contiguous");
+  std::vector<Tensor> grad_states;  // [grad W | grad S] (G, d_out, 2, d_in), updated in place chunk by chunk
+  for (const Tensor& grad : grad_weights) {
+    grad_states.push_back(at::empty({groups, grad.size(1), 2, grad.size(2)}, grad.options()));
   }
   Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_k = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -540,7 +562,12 @@ std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const T
 
   parallel_over_groups(groups, [&](int64_t g0, int64_t gn) {
     std::vector<Tensor> worker_grad_states;
-    for (const Tensor& grad : grad_states) worker_grad_states.push_back(grad.narrow(0, g0, gn));
+    for (int64_t layer = 0; layer < depth; ++layer) {
+      Tensor grad = grad_states[layer].narrow(0, g0, gn);
+      grad.select(2, 0).copy_(grad_weights[layer].narrow(0, g0, gn));
+      grad.select(2, 1).copy_(grad_momentum[layer].narrow(0, g0, gn));
+      worker_grad_states.push_back(grad);
+    }
     for (int64_t chunk = n_chunks - 1; chunk >= 0; --chunk) {
       const int64_t start = chunk * chunk_size;
       const ChunkView view{g0, gn, chunk, start, std::min(chunk_size, seq_len - start)};
@@ -551,7 +578,8 @@ std::vector<Tensor> scan_backward(const std::vector<Tensor>& saved_flat, const T
   });
   std::vector<Tensor> out{grad_q, grad_k, grad_v, grad_gates.retrieval_decays, grad_gates.update_scores,
                           grad_gates.state_decays, grad_gates.state_rows};
-  out.insert(out.end(), grad_states.begin(), grad_states.end());
+  for (const Tensor& grad : grad_states) out.push_back(grad.select(2, 0));
+  for (const Tensor& grad : grad_states) out.push_back(grad.select(2, 1));
   return out;
 }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..fused import ChunkGates, run_chunk_function
+from ..fused import ChunkGates, chunk_function_inputs
 from .build import extension
 
 
@@ -39,8 +39,10 @@ def cpp_stacked_gates(theta, eta, alpha, chunk_size):
 
 
 class CppChunkedScan(torch.autograd.Function):
-    """As `fused.FusedChunkedScan`: q, k, v (G, T, d); gates with a chunk dim after G; states L x (G, d_out, 2, d_in).
+    """As `fused.FusedChunkedScan` but with each layer's weights and momentum apart: q, k, v (G, T, d); gates
+    with a chunk dim after G; then L weights and L momentum tensors (G, d_out, d_in), and out the same.
 
+    The [W | S] state the loop works on is assembled and taken apart inside the C++ op (memory_scan.cpp).
     The extension returns every intermediate in a fixed number of whole-sequence buffers, which all
     go through save_for_backward (saved-tensor hooks, so activation checkpointing, see them).
     """
@@ -48,10 +50,11 @@ class CppChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options, q, k, v, retrieval_decays, update_scores, state_decays, state_rows, *states):
         chunk_size, activation, residual, token_retrieval, keep_saved, surprise_bound = options
+        depth = len(states) // 2
         gates = (retrieval_decays, update_scores, state_decays, state_rows)
         y, *rest = extension().forward(
-            q, k, v, *gates, list(states), chunk_size, activation, residual, token_retrieval, keep_saved,
-            surprise_bound,
+            q, k, v, *gates, list(states[:depth]), list(states[depth:]), chunk_size, activation, residual,
+            token_retrieval, keep_saved, surprise_bound,
         )
         states_out, saved = rest[: len(states)], rest[len(states):]
         ctx.options = options
@@ -62,13 +65,12 @@ class CppChunkedScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, *grad_states):
         chunk_size, activation, residual, token_retrieval, _, surprise_bound = ctx.options
+        depth = len(grad_states) // 2
         q, k, *rest = ctx.saved_tensors  # read once: checkpointing's hooks unpack each tensor only once
         gates, saved = rest[:4], rest[4:]
-        # Own, writable buffers: the backward computes the state gradients in place.
-        grad_states = [grad.clone(memory_format=torch.contiguous_format) for grad in grad_states]
         grads = extension().backward(
-            saved, q, k, *gates, grad_y, grad_states, chunk_size, activation, residual, token_retrieval,
-            surprise_bound,
+            saved, q, k, *gates, grad_y, list(grad_states[:depth]), list(grad_states[depth:]), chunk_size,
+            activation, residual, token_retrieval, surprise_bound,
         )
         return (None, *grads)
 
@@ -76,7 +78,11 @@ class CppChunkedScan(torch.autograd.Function):
 def cpp_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
              surprise_bound):
     """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
-    return run_chunk_function(
-        CppChunkedScan, cpp_stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-        activation, residual, surprise_bound,
-    )
+    batch, heads, seq_len, dim = q.shape
+    options, sequences, gates = chunk_function_inputs(
+        cpp_stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation,
+        residual, surprise_bound)
+    y, *states = CppChunkedScan.apply(options, *sequences, *gates, *(x.flatten(0, 1) for x in (*weights, *momentum)))
+    states = [state.unflatten(0, (batch, heads)) for state in states]
+    depth = len(weights)
+    return y.view(batch, heads, seq_len, dim), states[:depth], states[depth:]
