@@ -165,10 +165,8 @@ class NeuralMemory(nn.Module):
         for start, stop in ((0, closed), (closed, total)):
             if stop == start:
                 continue
-            piece = slice(start, stop)
             y, (next_weights, next_momentum) = memory_scan(
-                q_all[:, :, piece], k_all[:, :, piece], v_all[:, :, piece],
-                theta_all[:, :, piece], eta_all[:, :, piece], alpha_all[:, :, piece],
+                *(_time_slice(x, start, stop) for x in (q_all, k_all, v_all, theta_all, eta_all, alpha_all)),
                 weights, momentum, chunk_size=self.chunk_size, retrieve=self.retrieve_mode,
                 activation=self.activation, residual=self.residual, surprise_bound=self.surprise_bound,
             )
@@ -189,6 +187,12 @@ class NeuralMemory(nn.Module):
             stats[len(stats)] = _memory_stats(theta, eta, alpha, incoming_weights, weights, self.retrieve,
                                               k_all[:, :, :closed], v_all[:, :, :closed])
         return y, new_state
+
+
+def _time_slice(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """x[:, :, start:stop], or x itself when that is all of it: a slice's backward writes its
+    gradient into a buffer of zeros of the whole tensor, a cost MAC would pay six times a segment."""
+    return x if start == 0 and stop == x.shape[2] else x[:, :, start:stop]
 
 
 def _prepend(open_part: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
