@@ -4,6 +4,12 @@
 
     .venv/bin/python benchmarks/memory_scan.py --ab cpp fused   # alternating A/B of two implementations
     .venv/bin/python benchmarks/memory_scan.py --calls 8        # the sequence as 8 chained calls, as MAC's segments
+    .venv/bin/python benchmarks/memory_scan.py --base HEAD~1 --ab cpp base:cpp   # this tree's kernel against a commit's
+
+`--base COMMIT` makes the `kernels/` folder of that commit (git archive into a temporary package,
+its C++ extension built into torch's cache under its own digest, ~1 minute the first time)
+available to `--ab` as `base:IMPLEMENTATION`: a kernel change measured against its parent in one
+process, turn by turn, where separate runs on a shared machine differ by more than the change.
 
 Prints tokens/s (B*T tokens per forward+backward), achieved GFLOP/s from `scan_flops`, that as a
 fraction of the GFLOP/s of a large fp32 torch.matmul timed alternately with it in the same process
@@ -15,10 +21,19 @@ a few times.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
+import importlib
+import io
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,17 +96,38 @@ def make_inputs(batch, heads, seq_len, dim, widths, requires_grad=True):
     return (q, k, v, theta, eta, alpha, weights, momentum)
 
 
-def chained(n_calls):
-    """`memory_scan` over T as n_calls consecutive pieces, each starting from the state the one before
+BASE_PREFIX = "base:"
+
+
+def base_memory_scan(commit: str):
+    """`memory_scan` of the `kernels/` folder at `commit`, imported from a temporary copy as its own
+    package (removed at exit), beside this tree's."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "kernels"], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--base {commit}: git archive failed: {archive.stderr.decode().strip()}; "
+                         "give a commit of this repository's history")
+    directory = Path(tempfile.mkdtemp(prefix="memory_scan_base_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+        files.extractall(directory, filter="data")
+    package = "memory_scan_base_kernels"  # its imports are relative: any package name serves
+    (directory / "kernels").rename(directory / package)
+    sys.path.insert(0, str(directory))
+    return importlib.import_module(f"{package}.memory_scan.scan").memory_scan
+
+
+def chained(n_calls, scan_function=memory_scan):
+    """`scan_function` over T as n_calls consecutive pieces, each starting from the state the one before
     ended with (what MAC does per segment): the same numbers as one call, plus each call's fixed cost."""
     def scan(q, k, v, theta, eta, alpha, weights, momentum, **options):
         length = q.shape[2] // n_calls  # main() checks that T splits into whole chunks
         outputs, state = [], (weights, momentum)
         for pieces in zip(*(x.split(length, dim=2) for x in (q, k, v, theta, eta, alpha))):
-            y, state = memory_scan(*pieces, *state, **options)
+            y, state = scan_function(*pieces, *state, **options)
             outputs.append(y)
         return torch.cat(outputs, dim=2), state
-    return memory_scan if n_calls == 1 else scan
+    return scan_function if n_calls == 1 else scan
 
 
 def forward_backward(scan, inputs, options):
@@ -151,8 +187,14 @@ def alternating_ab(steps: dict, repeats: int, warmup: int):
 
 def print_ab(args, inputs, options):
     names = args.ab
-    steps = {name: functools.partial(forward_backward, chained(args.calls), inputs, dict(options, implementation=name))
-             for name in names}
+    base_scan = base_memory_scan(args.base) if args.base else None
+    steps = {}
+    for name in names:
+        implementation = name.removeprefix(BASE_PREFIX)
+        scan = chained(args.calls, base_scan if name.startswith(BASE_PREFIX) else memory_scan)
+        steps[name] = functools.partial(forward_backward, scan, inputs, dict(options, implementation=implementation))
+    if args.base:
+        print(f"base: kernels/ at {args.base}")
     medians, ratios = alternating_ab(steps, args.repeats, args.warmup)
     print(f"alternating A/B, forward+backward, threads={torch.get_num_threads()}, median of {args.repeats} turns:")
     for name in names:
@@ -179,8 +221,13 @@ def main():
     parser.add_argument("--surprise-bound", type=float, default=0.0,
                         help="memory_scan's surprise_bound (0: none; the bound's extra work per chunk is elementwise)")
     parser.add_argument("--implementation", choices=("fused", "autograd", "cpp"), default="fused")
-    parser.add_argument("--ab", nargs="+", choices=("fused", "autograd", "cpp"), metavar="IMPLEMENTATION",
-                        help="only an alternating A/B of these implementations (e.g. --ab cpp fused)")
+    implementations = ("fused", "autograd", "cpp")
+    parser.add_argument("--ab", nargs="+", metavar="IMPLEMENTATION",
+                        choices=(*implementations, *(BASE_PREFIX + name for name in implementations)),
+                        help="only an alternating A/B of these implementations (e.g. --ab cpp fused; "
+                             "base:cpp with --base)")
+    parser.add_argument("--base", metavar="COMMIT",
+                        help="for --ab's base:IMPLEMENTATION names: the kernels/ folder at this git commit")
     parser.add_argument("--calls", type=int, default=1,
                         help="run T as this many chained calls (MAC: seq_len / segment_len); the oracle line is one call")
     parser.add_argument("--repeats", type=int, default=7)
@@ -191,6 +238,10 @@ def main():
         "--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) before anything runs"
     )
     args = parser.parse_args()
+    if args.ab and any(name.startswith(BASE_PREFIX) for name in args.ab) != bool(args.base):
+        parser.error("--ab base:IMPLEMENTATION and --base COMMIT go together (base: names the commit's kernels)")
+    if args.base and not args.ab:
+        parser.error("--base COMMIT only serves --ab (e.g. --base HEAD~1 --ab cpp base:cpp)")
     if args.calls < 1 or args.seq_len % (args.calls * args.chunk_size):
         parser.error(f"--calls {args.calls}: --seq-len {args.seq_len} must split into that many pieces of whole "
                      f"chunks (--chunk-size {args.chunk_size}), so the chunks and FLOPs are one call's")
