@@ -381,29 +381,18 @@ def chunk_function_inputs(gate_products, q, k, v, theta, eta, alpha, weights, mo
             tuple(x.flatten(0, 1) for x in gates))
 
 
-def run_chunk_function(function, gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-                       activation, residual, surprise_bound):
-    """Runs a chunk-loop autograd.Function taking (options, q, k, v, gates, *states) in this module's layout:
-    q, k, v (G, T, d), `ChunkGates` with a chunk dim after G, states L x (G, d_out, 2, d_in)
-    (`chunk_function_inputs`). Shapes as `memory_scan`."""
+def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
+               surprise_bound):
+    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
     batch, heads, seq_len, dim = q.shape
     options, sequences, gates = chunk_function_inputs(
-        gate_products, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
+        stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
         surprise_bound)
     states = [torch.stack((w, s), dim=3).flatten(0, 1) for w, s in zip(weights, momentum)]  # (G, d_out, 2, d_in)
-    y, *states = function.apply(options, *sequences, *gates, *states)
+    y, *states = FusedChunkedScan.apply(options, *sequences, *gates, *states)
     # unbind, not two selects: its backward stacks the two gradients, where each select's would
     # write into a buffer of zeros of the whole state.
     unbound = [state.unbind(2) for state in states]
     weights_out = [w.unflatten(0, (batch, heads)).contiguous() for w, _ in unbound]
     momentum_out = [s.unflatten(0, (batch, heads)).contiguous() for _, s in unbound]
     return y.view(batch, heads, seq_len, dim), weights_out, momentum_out
-
-
-def fused_scan(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve, activation, residual,
-               surprise_bound):
-    """Kernel: trusts its inputs (one dtype, valid shapes, T >= 1). Shapes as `memory_scan`."""
-    return run_chunk_function(
-        FusedChunkedScan, stacked_gates, q, k, v, theta, eta, alpha, weights, momentum, chunk_size, retrieve,
-        activation, residual, surprise_bound,
-    )

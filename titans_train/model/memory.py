@@ -174,8 +174,7 @@ class NeuralMemory(nn.Module):
             if stop == closed:  # the open tail keeps its block-start weights
                 weights, momentum = next_weights, next_momentum
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-        if open_len:  # (a whole-length slice would still cost its backward a buffer of zeros)
-            y = y[:, :, open_len:]
+        y = _time_slice(y, open_len, total)  # the re-run open block's outputs are dropped
 
         new_state = {f"weights.{layer}": w for layer, w in enumerate(weights)}
         new_state.update({f"momentum.{layer}": s for layer, s in enumerate(momentum)})
