@@ -220,8 +220,8 @@ def main():
     parser.add_argument("--activation", choices=("silu", "gelu"), default="silu")
     parser.add_argument("--surprise-bound", type=float, default=0.0,
                         help="memory_scan's surprise_bound (0: none; the bound's extra work per chunk is elementwise)")
-    parser.add_argument("--implementation", choices=("fused", "autograd", "cpp"), default="fused")
     implementations = ("fused", "autograd", "cpp")
+    parser.add_argument("--implementation", choices=implementations, default="fused")
     parser.add_argument("--ab", nargs="+", metavar="IMPLEMENTATION",
                         choices=(*implementations, *(BASE_PREFIX + name for name in implementations)),
                         help="only an alternating A/B of these implementations (e.g. --ab cpp fused; "
